@@ -1,0 +1,47 @@
+//! `mesh`: the one command of the mesh.
+//!
+//! - `mesh up` runs all three services locally, each as its own child process;
+//! - `mesh auth`, `mesh users` and `mesh aggregator` run one service each (what a container
+//!   runs).
+//!
+//! Every flag has an environment-variable fallback; `--help` shows both.
+
+mod up;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mesh_runtime::cli::{LogArgs, block_on, parse_or_exit};
+
+/// The mesh: auth, users and the aggregator, three async gRPC services.
+#[derive(Debug, Parser)]
+#[command(name = "mesh", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run all three services locally, each as its own process, until Ctrl-C or SIGTERM.
+    Up(up::UpArgs),
+    /// Run the auth service (credentials, sessions, tokens).
+    Auth(mesh_auth::Config),
+    /// Run the users service (profiles and their change log).
+    Users(mesh_users::Config),
+    /// Run the aggregator (the public facade).
+    Aggregator(mesh_aggregator::Config),
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = parse_or_exit();
+    mesh_telemetry::init(cli.log.log_format);
+    match cli.command {
+        Command::Up(args) => block_on(up::run(args, cli.log.log_format)),
+        Command::Auth(config) => block_on(mesh_auth::run(config)),
+        Command::Users(config) => block_on(mesh_users::run(config)),
+        Command::Aggregator(config) => block_on(mesh_aggregator::run(config)),
+    }
+}

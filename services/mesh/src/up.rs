@@ -1,0 +1,335 @@
+//! `mesh up`: all three services on one machine, each as its own child process.
+//!
+//! Each service runs as `mesh <service>` so that it has its own process, log stream and
+//! lifecycle, as in a cluster; they talk over real gRPC on loopback. `mesh up` starts them,
+//! waits until each reports `SERVING`, prints how to call them, and supervises them: SIGTERM or
+//! Ctrl-C drains all three (each with its own grace period) and exits 0; if one dies, it says
+//! which and why, stops the others and exits 1.
+
+use std::{
+    io,
+    net::SocketAddr,
+    process::{ExitStatus, Stdio},
+    time::Duration,
+};
+
+use mesh_runtime::ServerConfig;
+use mesh_telemetry::LogFormat;
+use nix::{sys::signal::Signal, unistd::Pid};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    process::{Child, Command},
+};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// Flags of `mesh up`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct UpArgs {
+    /// Address of the aggregator, the public facade.
+    #[arg(long, env = "MESH_AGGREGATOR_LISTEN", default_value = mesh_aggregator::DEFAULT_LISTEN)]
+    aggregator_listen: SocketAddr,
+
+    /// Address of the auth service.
+    #[arg(long, env = "MESH_AUTH_LISTEN", default_value = mesh_auth::DEFAULT_LISTEN)]
+    auth_listen: SocketAddr,
+
+    /// Address of the users service.
+    #[arg(long, env = "MESH_USERS_LISTEN", default_value = mesh_users::DEFAULT_LISTEN)]
+    users_listen: SocketAddr,
+
+    /// How long each service may take to report SERVING before `mesh up` gives up.
+    #[arg(long, env = "MESH_READY_TIMEOUT", default_value = "30s",
+          value_parser = mesh_runtime::parse_duration)]
+    ready_timeout: Duration,
+
+    /// Settings passed to every service.
+    #[command(flatten)]
+    server: ServerConfig,
+}
+
+/// Why `mesh up` failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UpError {
+    /// The path of the running executable is unknown, so the services cannot be started.
+    #[error("cannot find the mesh executable")]
+    CurrentExe(#[source] io::Error),
+    /// A service could not be started.
+    #[error("cannot start {name}")]
+    Spawn {
+        /// The service.
+        name: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A service did not report SERVING in time.
+    #[error("{name} did not report SERVING within {timeout:?}")]
+    NotReady {
+        /// The service.
+        name: &'static str,
+        /// The time it had.
+        timeout: Duration,
+    },
+    /// A service exited on its own.
+    #[error("{name} exited unexpectedly ({status})")]
+    Died {
+        /// The service.
+        name: &'static str,
+        /// Its exit status.
+        status: ExitStatus,
+    },
+    /// A service did not exit cleanly after SIGTERM.
+    #[error("{names} did not shut down cleanly")]
+    UncleanShutdown {
+        /// The services, comma-separated.
+        names: String,
+    },
+    /// Waiting on a child failed.
+    #[error("cannot wait for {name}")]
+    Wait {
+        /// The service.
+        name: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One supervised service process.
+#[derive(Debug)]
+struct Service {
+    name: &'static str,
+    addr: SocketAddr,
+    child: Child,
+}
+
+/// Runs the three services until SIGTERM/SIGINT or until one of them dies.
+pub(crate) async fn run(args: UpArgs, log_format: LogFormat) -> Result<(), UpError> {
+    let exe = std::env::current_exe().map_err(UpError::CurrentExe)?;
+    // Backends first, the facade last, as a cluster's readiness gates would order them.
+    let plan = [
+        ("auth", args.auth_listen),
+        ("users", args.users_listen),
+        ("aggregator", args.aggregator_listen),
+    ];
+    let mut services = Vec::with_capacity(plan.len());
+    for (name, addr) in plan {
+        match spawn(&exe, name, addr, &args.server, log_format) {
+            Ok(service) => services.push(service),
+            Err(err) => {
+                let _ = stop_all(&mut services, &args.server).await;
+                return Err(err);
+            }
+        }
+    }
+
+    let shutdown = mesh_runtime::shutdown_signal();
+    tokio::pin!(shutdown);
+
+    // Wait for every service to be ready, or for a signal, or for one to die.
+    let ready = async {
+        for service in services.iter_mut() {
+            wait_ready(service, args.ready_timeout).await?;
+        }
+        Ok::<_, UpError>(())
+    };
+    let outcome = tokio::select! {
+        result = ready => result.map(|()| true),
+        () = &mut shutdown => Ok(false),
+    };
+    match outcome {
+        Ok(true) => print_banner(&args),
+        Ok(false) => return stop_all(&mut services, &args.server).await,
+        Err(err) => {
+            let _ = stop_all(&mut services, &args.server).await;
+            return Err(err);
+        }
+    }
+
+    let died = tokio::select! {
+        () = &mut shutdown => None,
+        died = first_exit(&mut services) => Some(died),
+    };
+    match died {
+        None => stop_all(&mut services, &args.server).await,
+        Some((index, status)) => {
+            let service = services.remove(index);
+            let err = match status {
+                Ok(status) => UpError::Died {
+                    name: service.name,
+                    status,
+                },
+                Err(source) => UpError::Wait {
+                    name: service.name,
+                    source,
+                },
+            };
+            tracing::error!(error = %err, "stopping the other services");
+            let _ = stop_all(&mut services, &args.server).await;
+            Err(err)
+        }
+    }
+}
+
+fn spawn(
+    exe: &std::path::Path,
+    name: &'static str,
+    addr: SocketAddr,
+    server: &ServerConfig,
+    log_format: LogFormat,
+) -> Result<Service, UpError> {
+    let mut command = Command::new(exe);
+    command
+        .arg(name)
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--grace-period")
+        .arg(format!("{}ms", server.grace_period.as_millis()))
+        .arg("--max-request-bytes")
+        .arg(server.max_request_bytes.to_string())
+        .arg("--log-format")
+        .arg(log_format.to_string())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    // Text logs get the service's name in front of every line; JSON lines stay valid JSON.
+    if log_format == LogFormat::Text {
+        command.stderr(Stdio::piped());
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|source| UpError::Spawn { name, source })?;
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(prefix_lines(name, stderr));
+    }
+    tracing::info!(service = name, %addr, pid = child.id(), "started");
+    Ok(Service { name, addr, child })
+}
+
+async fn prefix_lines(name: &'static str, stderr: tokio::process::ChildStderr) {
+    let mut lines = BufReader::new(stderr).lines();
+    let mut out = tokio::io::stderr();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let _ = out
+            .write_all(format!("{name:>10} | {line}\n").as_bytes())
+            .await;
+    }
+}
+
+/// Polls the service's health until it says SERVING, failing if it exits or takes too long.
+async fn wait_ready(service: &mut Service, timeout: Duration) -> Result<(), UpError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let endpoint = format!("http://{}", service.addr);
+    loop {
+        if let Ok(Some(status)) = service.child.try_wait() {
+            return Err(UpError::Died {
+                name: service.name,
+                status,
+            });
+        }
+        if check_serving(&endpoint).await {
+            tracing::info!(service = service.name, "serving");
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(UpError::NotReady {
+                name: service.name,
+                timeout,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn check_serving(endpoint: &str) -> bool {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(endpoint.to_owned()) else {
+        return false;
+    };
+    let Ok(channel) = endpoint
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(1))
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await;
+    matches!(reply, Ok(r) if r.get_ref().status == ServingStatus::Serving as i32)
+}
+
+/// Completes when the first service exits, with its index and status.
+async fn first_exit(services: &mut [Service]) -> (usize, io::Result<ExitStatus>) {
+    let waits = services
+        .iter_mut()
+        .map(|s| Box::pin(s.child.wait()))
+        .collect::<Vec<_>>();
+    let (status, index, _) = futures_util::future::select_all(waits).await;
+    (index, status)
+}
+
+/// Sends SIGTERM to every service and waits for all of them; one that outlives its grace
+/// period (plus a margin) is killed.
+async fn stop_all(services: &mut [Service], server: &ServerConfig) -> Result<(), UpError> {
+    for service in services.iter() {
+        if let Some(pid) = service.child.id().and_then(|id| i32::try_from(id).ok()) {
+            // An already-exited child is fine: it is reaped below.
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+    }
+    let limit = server.grace_period + Duration::from_secs(5);
+    let mut unclean = Vec::new();
+    for service in services.iter_mut() {
+        let status = match tokio::time::timeout(limit, service.child.wait()).await {
+            Ok(status) => status,
+            Err(_) => {
+                tracing::warn!(
+                    service = service.name,
+                    "still running after the grace period; killing"
+                );
+                let _ = service.child.kill().await;
+                service.child.wait().await
+            }
+        };
+        match status {
+            Ok(status) if status.success() => {
+                tracing::info!(service = service.name, "stopped");
+            }
+            Ok(status) => {
+                tracing::error!(service = service.name, %status, "stopped uncleanly");
+                unclean.push(service.name);
+            }
+            Err(err) => {
+                tracing::error!(service = service.name, error = %err, "cannot wait for it");
+                unclean.push(service.name);
+            }
+        }
+    }
+    if unclean.is_empty() {
+        Ok(())
+    } else {
+        Err(UpError::UncleanShutdown {
+            names: unclean.join(", "),
+        })
+    }
+}
+
+fn print_banner(args: &UpArgs) {
+    let agg = args.aggregator_listen;
+    println!(
+        "\nThe mesh is up.\n\
+         \n  aggregator  {agg}  (the public facade)\
+         \n  auth        {}\
+         \n  users       {}\n\
+         \nCall it with grpcurl (plaintext; reflection and health on every port):\
+         \n  grpcurl -plaintext {agg} list\
+         \n  grpcurl -plaintext {agg} describe mesh.aggregator.v1.AggregatorService\
+         \n  grpcurl -plaintext -d '{{\"service\":\"mesh.aggregator.v1.AggregatorService\"}}' {agg} grpc.health.v1.Health/Check\n\
+         \nCtrl-C or SIGTERM drains and stops all three.\n",
+        args.auth_listen, args.users_listen
+    );
+}

@@ -1,0 +1,47 @@
+//! Compiles `proto/mesh/**.proto` with the pure-Rust `protox` compiler (no system `protoc`),
+//! writes the encoded descriptor set for server reflection, and generates messages, clients and
+//! servers with tonic's code generator.
+
+use std::{env, fs, path::PathBuf};
+
+use prost::Message as _;
+
+const FILES: &[&str] = &[
+    "mesh/auth/v1/auth.proto",
+    "mesh/users/v1/users.proto",
+    "mesh/aggregator/v1/aggregator.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
+    let proto_root = manifest_dir.join("../../proto").canonicalize()?;
+    println!("cargo:rerun-if-changed={}", proto_root.display());
+
+    let fds = protox::compile(FILES, [&proto_root])?;
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(out_dir.join("mesh_descriptor.bin"), fds.encode_to_vec())?;
+
+    // One descriptor set per package as well (its file and the well-known types it imports), so
+    // that each server's reflection describes its own contract and nothing else.
+    for file in FILES {
+        let package: Vec<_> = fds
+            .file
+            .iter()
+            .filter(|f| f.name() == *file || !f.name().starts_with("mesh/"))
+            .cloned()
+            .collect();
+        let stem = file.split('/').nth(1).ok_or("unexpected proto path")?;
+        let set = prost_types::FileDescriptorSet { file: package };
+        fs::write(
+            out_dir.join(format!("{stem}_descriptor.bin")),
+            set.encode_to_vec(),
+        )?;
+    }
+
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .build_transport(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! What every mesh binary does the same way: parse flags, install logging, run, exit.
+
+use std::{error::Error as StdError, future::Future, process::ExitCode};
+
+use mesh_telemetry::LogFormat;
+
+/// The exit code for bad configuration (`EX_USAGE` of sysexits.h).
+pub const EXIT_BAD_CONFIG: u8 = 64;
+
+/// Logging flags every binary has.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log line format: `text` (human-readable) or `json` (one object per line). The filter is
+    /// `RUST_LOG` (default `info`).
+    #[arg(long, env = "MESH_LOG_FORMAT", default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// Parses the command line (flags, then environment fallbacks); on bad configuration prints
+/// one clear message and exits with [`EXIT_BAD_CONFIG`]; `--help` and `--version` exit 0.
+pub fn parse_or_exit<P: clap::Parser>() -> P {
+    match P::try_parse() {
+        Ok(parsed) => parsed,
+        Err(err) => {
+            let code = if err.use_stderr() {
+                i32::from(EXIT_BAD_CONFIG)
+            } else {
+                0
+            };
+            let _ = err.print();
+            std::process::exit(code);
+        }
+    }
+}
+
+/// Runs `main` on a multi-threaded runtime; logs the error's whole cause chain and returns
+/// exit code 1 if it fails.
+pub fn block_on<E, F>(main: F) -> ExitCode
+where
+    F: Future<Output = Result<(), E>>,
+    E: StdError,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %error_chain(&err), "exiting on error");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `error: cause: cause…` on one line.
+pub fn error_chain(err: &dyn StdError) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,250 @@
+//! Graceful shutdown: the drain signal that long-lived streams listen to, and the count of
+//! in-flight calls the server waits for.
+//!
+//! On SIGTERM the server (see [`crate::serve`]) first marks health `NOT_SERVING` and fires the
+//! [`Drain`], so that streams which would otherwise never end (health `Watch`, change-log
+//! subscriptions) finish; it keeps accepting calls while [`InFlight`] says calls are still
+//! running, up to the grace period; then it closes its connections.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tower::{Layer, Service};
+
+/// Tells long-lived work that the server is shutting down. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Drain {
+    token: CancellationToken,
+}
+
+impl Drain {
+    /// A drain that has not begun.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Begins the drain: every [`Drain::draining`] future completes.
+    pub fn begin(&self) {
+        self.token.cancel();
+    }
+
+    /// Whether the drain has begun.
+    pub fn is_draining(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Completes once the drain has begun; use it to end long-lived streams.
+    pub async fn draining(&self) {
+        self.token.cancelled().await;
+    }
+}
+
+/// Counts the calls in flight, from the arrival of a request until its response body has been
+/// sent or dropped (so a server stream counts for as long as it streams).
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    count: watch::Sender<usize>,
+}
+
+impl Default for InFlight {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InFlight {
+    /// A counter at zero.
+    pub fn new() -> Self {
+        Self {
+            count: watch::channel(0).0,
+        }
+    }
+
+    /// How many calls are in flight now.
+    pub fn current(&self) -> usize {
+        *self.count.borrow()
+    }
+
+    /// Completes when no call is in flight.
+    pub async fn idle(&self) {
+        let mut rx = self.count.subscribe();
+        // The sender lives in `self`, so the channel cannot close while this waits.
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    fn enter(&self) -> Guard {
+        self.count.send_modify(|n| *n += 1);
+        Guard {
+            count: self.count.clone(),
+        }
+    }
+}
+
+/// Decrements the in-flight count when dropped.
+#[derive(Debug)]
+struct Guard {
+    count: watch::Sender<usize>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.count.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// A tower layer counting the calls of the server's own service in an [`InFlight`].
+///
+/// Health and reflection calls are not counted: a health `Watch` must not hold the drain open,
+/// and neither is work a caller would miss.
+#[derive(Debug, Clone)]
+pub struct InFlightLayer {
+    in_flight: InFlight,
+}
+
+impl InFlightLayer {
+    /// Counts into `in_flight`.
+    pub fn new(in_flight: InFlight) -> Self {
+        Self { in_flight }
+    }
+}
+
+impl<S> Layer<S> for InFlightLayer {
+    type Service = InFlightService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        InFlightService {
+            inner,
+            in_flight: self.in_flight.clone(),
+        }
+    }
+}
+
+/// The service made by [`InFlightLayer`].
+#[derive(Debug, Clone)]
+pub struct InFlightService<S> {
+    inner: S,
+    in_flight: InFlight,
+}
+
+fn is_infrastructure(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.") || path.starts_with("/grpc.reflection.")
+}
+
+impl<S, B, ResB> Service<Request<B>> for InFlightService<S>
+where
+    S: Service<Request<B>, Response = Response<ResB>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+{
+    type Response = Response<GuardedBody<ResB>>;
+    type Error = S::Error;
+    type Future = Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let guard = (!is_infrastructure(request.uri().path())).then(|| self.in_flight.enter());
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let response = future.await?;
+            Ok(response.map(|inner| GuardedBody {
+                inner,
+                _guard: guard,
+            }))
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that holds its call's in-flight count until it is done or dropped.
+    #[derive(Debug)]
+    pub struct GuardedBody<B> {
+        #[pin]
+        inner: B,
+        _guard: Option<Guard>,
+    }
+}
+
+impl<B: Body> Body for GuardedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            // The body is complete: the call is no longer in flight.
+            this._guard.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The count follows guards, and `idle` completes only at zero.
+    #[tokio::test]
+    async fn in_flight_counts_guards() {
+        let in_flight = InFlight::new();
+        let a = in_flight.enter();
+        let b = in_flight.enter();
+        assert_eq!(in_flight.current(), 2);
+        drop(a);
+        let waiter = tokio::spawn({
+            let in_flight = in_flight.clone();
+            async move { in_flight.idle().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(b);
+        waiter.await.expect("idle completes");
+        assert_eq!(in_flight.current(), 0);
+    }
+
+    /// Health and reflection paths are infrastructure; the mesh's own are not.
+    #[test]
+    fn infrastructure_paths() {
+        assert!(is_infrastructure("/grpc.health.v1.Health/Watch"));
+        assert!(is_infrastructure(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+        ));
+        assert!(!is_infrastructure("/mesh.auth.v1.AuthService/Login"));
+    }
+
+    /// A drain wakes every waiter.
+    #[tokio::test]
+    async fn drain_wakes_waiters() {
+        let drain = Drain::new();
+        let waiter = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.draining().await }
+        });
+        assert!(!drain.is_draining());
+        drain.begin();
+        waiter.await.expect("drained");
+        assert!(drain.is_draining());
+    }
+}

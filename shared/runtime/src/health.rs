@@ -1,0 +1,223 @@
+//! `grpc.health.v1.Health` with the names and meanings of the mesh's contract.
+//!
+//! Three names are known:
+//! - `""` (the whole server) and the server's own fully qualified service name share one
+//!   readiness status: `NOT_SERVING` while starting, `SERVING` once the service says it is
+//!   ready, `NOT_SERVING` again while a dependency is down or while draining on shutdown;
+//! - `liveness` is `SERVING` for as long as the process works at all, so a liveness probe never
+//!   restarts a pod that is merely not ready.
+//!
+//! Any other name is `NOT_FOUND` for `Check`; for `Watch` it is a `SERVICE_UNKNOWN` message on
+//! an open stream, as the health protocol says (tonic-health's own service ends the stream with
+//! `NOT_FOUND` instead, which is why the mesh has its own).
+//!
+//! `Watch` streams are long-lived: they end when the server drains, after they have sent the
+//! final `NOT_SERVING`.
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use futures_util::{Stream, StreamExt as _};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tonic_health::pb::{
+    HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
+    health_server::HealthServer,
+};
+
+use crate::drain::Drain;
+
+/// The health name a liveness probe asks for.
+pub const LIVENESS: &str = "liveness";
+
+/// The health state of one server, cheap to clone and share with the service that owns it.
+#[derive(Debug, Clone)]
+pub struct Health {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    service_name: &'static str,
+    readiness: watch::Sender<ServingStatus>,
+    draining: AtomicBool,
+    drain: Drain,
+}
+
+impl Health {
+    /// A new health state for `service_name`: not serving (still starting), live.
+    pub fn new(service_name: &'static str, drain: Drain) -> Self {
+        let (readiness, _) = watch::channel(ServingStatus::NotServing);
+        Self {
+            inner: Arc::new(Inner {
+                service_name,
+                readiness,
+                draining: AtomicBool::new(false),
+                drain,
+            }),
+        }
+    }
+
+    /// Marks the server ready (`SERVING`) or not (`NOT_SERVING`), for `""` and the service
+    /// name. Once draining has begun the server stays `NOT_SERVING`, whatever is said here.
+    pub fn set_ready(&self, ready: bool) {
+        let status = if ready && !self.inner.draining.load(Ordering::SeqCst) {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.inner.readiness.send_if_modified(|current| {
+            let changed = *current != status;
+            *current = status;
+            changed
+        });
+    }
+
+    /// Whether the server currently says it is ready.
+    pub fn is_ready(&self) -> bool {
+        *self.inner.readiness.borrow() == ServingStatus::Serving
+    }
+
+    /// Flips to `NOT_SERVING` for good: the server is draining.
+    pub fn begin_draining(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+        self.set_ready(false);
+    }
+
+    /// The service name this health state reports for.
+    pub fn service_name(&self) -> &'static str {
+        self.inner.service_name
+    }
+
+    /// The tonic service answering `grpc.health.v1.Health`.
+    pub fn service(&self) -> HealthServer<HealthService> {
+        HealthServer::new(HealthService {
+            health: self.clone(),
+        })
+    }
+
+    fn lookup(&self, name: &str) -> Option<Known> {
+        if name == LIVENESS {
+            Some(Known::Liveness)
+        } else if name.is_empty() || name == self.inner.service_name {
+            Some(Known::Readiness)
+        } else {
+            None
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Known {
+    Liveness,
+    Readiness,
+}
+
+/// The `grpc.health.v1.Health` implementation made by [`Health::service`].
+#[derive(Debug, Clone)]
+pub struct HealthService {
+    health: Health,
+}
+
+/// The stream type of `Watch`.
+pub type WatchStream =
+    Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send + 'static>>;
+
+fn reply(status: ServingStatus) -> HealthCheckResponse {
+    HealthCheckResponse {
+        status: status as i32,
+    }
+}
+
+#[tonic::async_trait]
+impl tonic_health::pb::health_server::Health for HealthService {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        let name = request.into_inner().service;
+        match self.health.lookup(&name) {
+            Some(Known::Liveness) => Ok(Response::new(reply(ServingStatus::Serving))),
+            Some(Known::Readiness) => {
+                let status = *self.health.inner.readiness.borrow();
+                Ok(Response::new(reply(status)))
+            }
+            None => Err(Status::not_found(format!("unknown service name `{name}`"))),
+        }
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let name = request.into_inner().service;
+        let drain = self.health.inner.drain.clone();
+        let stream: WatchStream = match self.health.lookup(&name) {
+            Some(Known::Readiness) => Box::pin(watch_readiness(
+                self.health.inner.readiness.subscribe(),
+                drain,
+            )),
+            Some(Known::Liveness) => Box::pin(once_then_hold(ServingStatus::Serving, drain)),
+            None => Box::pin(once_then_hold(ServingStatus::ServiceUnknown, drain)),
+        };
+        Ok(Response::new(stream))
+    }
+}
+
+/// Sends the current readiness and every change; after the drain began, sends the last status
+/// (if not yet sent) and ends.
+fn watch_readiness(
+    rx: watch::Receiver<ServingStatus>,
+    drain: Drain,
+) -> impl Stream<Item = Result<HealthCheckResponse, Status>> + Send + 'static {
+    struct State {
+        rx: watch::Receiver<ServingStatus>,
+        drain: Drain,
+        last: Option<ServingStatus>,
+        ending: bool,
+    }
+    let state = State {
+        rx,
+        drain,
+        last: None,
+        ending: false,
+    };
+    futures_util::stream::unfold(state, |mut st| async move {
+        loop {
+            let current = *st.rx.borrow_and_update();
+            if st.last != Some(current) {
+                st.last = Some(current);
+                return Some((Ok(reply(current)), st));
+            }
+            if st.ending {
+                return None;
+            }
+            tokio::select! {
+                changed = st.rx.changed() => {
+                    if changed.is_err() {
+                        st.ending = true;
+                    }
+                }
+                () = st.drain.draining() => st.ending = true,
+            }
+        }
+    })
+}
+
+/// Sends one status, then holds the stream open until the drain.
+fn once_then_hold(
+    status: ServingStatus,
+    drain: Drain,
+) -> impl Stream<Item = Result<HealthCheckResponse, Status>> + Send + 'static {
+    let first = futures_util::stream::once(std::future::ready(Ok(reply(status))));
+    let hold = futures_util::stream::once(async move { drain.draining().await })
+        .filter_map(|()| std::future::ready(None));
+    first.chain(hold)
+}
