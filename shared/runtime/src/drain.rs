@@ -7,6 +7,7 @@
 //! running, up to the grace period; then it closes its connections.
 
 use std::{
+    future::Future as _,
     pin::Pin,
     task::{Context, Poll},
 };
@@ -14,7 +15,7 @@ use std::{
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tower::{Layer, Service};
 
 /// Tells long-lived work that the server is shutting down. Cheap to clone.
@@ -46,10 +47,12 @@ impl Drain {
 }
 
 /// Counts the calls in flight, from the arrival of a request until its response body has been
-/// sent or dropped (so a server stream counts for as long as it streams).
+/// sent or dropped (so a server stream counts for as long as it streams), and cuts them off
+/// when the grace period is over.
 #[derive(Debug, Clone)]
 pub struct InFlight {
     count: watch::Sender<usize>,
+    cut_off: CancellationToken,
 }
 
 impl Default for InFlight {
@@ -63,7 +66,15 @@ impl InFlight {
     pub fn new() -> Self {
         Self {
             count: watch::channel(0).0,
+            cut_off: CancellationToken::new(),
         }
+    }
+
+    /// Ends every counted call now: one still waiting for its handler is answered
+    /// `UNAVAILABLE`, a streaming one ends with `UNAVAILABLE` trailers. Both are retryable, and
+    /// the connection stays usable for the closing handshake.
+    pub fn cut_off(&self) {
+        self.cut_off.cancel();
     }
 
     /// How many calls are in flight now.
@@ -136,13 +147,13 @@ fn is_infrastructure(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.") || path.starts_with("/grpc.reflection.")
 }
 
-impl<S, B, ResB> Service<Request<B>> for InFlightService<S>
+impl<S, B> Service<Request<B>> for InFlightService<S>
 where
-    S: Service<Request<B>, Response = Response<ResB>>,
+    S: Service<Request<B>, Response = Response<tonic::body::Body>>,
     S::Future: Send + 'static,
     S::Error: 'static,
 {
-    type Response = Response<GuardedBody<ResB>>;
+    type Response = Response<GuardedBody<tonic::body::Body>>;
     type Error = S::Error;
     type Future = Pin<
         Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send + 'static>,
@@ -153,29 +164,61 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let guard = (!is_infrastructure(request.uri().path())).then(|| self.in_flight.enter());
+        if is_infrastructure(request.uri().path()) {
+            let future = self.inner.call(request);
+            return Box::pin(async move {
+                Ok(future.await?.map(|inner| GuardedBody {
+                    inner,
+                    guard: None,
+                    cut_off: None,
+                    ended: false,
+                }))
+            });
+        }
+        let guard = self.in_flight.enter();
+        let cut_off = self.in_flight.cut_off.clone();
         let future = self.inner.call(request);
         Box::pin(async move {
-            let response = future.await?;
+            let response = tokio::select! {
+                response = future => response?,
+                () = cut_off.cancelled() => cut_off_status().into_http(),
+            };
             Ok(response.map(|inner| GuardedBody {
                 inner,
-                _guard: guard,
+                guard: Some(guard),
+                cut_off: Some(Box::pin(cut_off.cancelled_owned())),
+                ended: false,
             }))
         })
     }
 }
 
+fn cut_off_status() -> tonic::Status {
+    tonic::Status::unavailable("the server is shutting down; retry")
+}
+
 pin_project_lite::pin_project! {
-    /// A response body that holds its call's in-flight count until it is done or dropped.
-    #[derive(Debug)]
+    /// A response body that holds its call's in-flight count until it is done or dropped, and
+    /// ends early with `UNAVAILABLE` trailers if the call is cut off.
     pub struct GuardedBody<B> {
         #[pin]
         inner: B,
-        _guard: Option<Guard>,
+        guard: Option<Guard>,
+        cut_off: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+        ended: bool,
     }
 }
 
-impl<B: Body> Body for GuardedBody<B> {
+impl<B> std::fmt::Debug for GuardedBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuardedBody")
+            .field("counted", &self.guard.is_some())
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Body<Data = bytes::Bytes>> Body for GuardedBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -184,16 +227,32 @@ impl<B: Body> Body for GuardedBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
+        if *this.ended {
+            return Poll::Ready(None);
+        }
+        if let Some(cut_off) = this.cut_off.as_mut()
+            && cut_off.as_mut().poll(cx).is_ready()
+        {
+            // Cut off by the end of the grace period: finish the call with retryable trailers.
+            *this.ended = true;
+            this.guard.take();
+            let mut trailers = http::HeaderMap::new();
+            if cut_off_status().add_header(&mut trailers).is_ok() {
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+            return Poll::Ready(None);
+        }
         let polled = this.inner.poll_frame(cx);
         if let Poll::Ready(None) = polled {
             // The body is complete: the call is no longer in flight.
-            this._guard.take();
+            *this.ended = true;
+            this.guard.take();
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

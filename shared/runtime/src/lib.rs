@@ -20,6 +20,8 @@ pub mod health;
 pub mod limits;
 mod server;
 pub mod signal;
+#[cfg(feature = "test-util")]
+pub mod testing;
 
 pub use config::{ServerConfig, parse_duration};
 pub use drain::{Drain, InFlight};

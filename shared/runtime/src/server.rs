@@ -123,7 +123,7 @@ fn reflection_builder(spec: &ServiceSpec) -> tonic_reflection::server::Builder<'
 /// The drain: health turns `NOT_SERVING` (`liveness` stays `SERVING`), the [`Drain`] fires so
 /// long-lived streams end, and the server keeps serving until no call of the service is in
 /// flight or `config.grace_period` has passed; then it stops accepting, closes its connections
-/// (what is still running then is cut off) and returns.
+/// (what is still running then is answered `UNAVAILABLE`) and returns.
 pub async fn serve(
     listener: TcpListener,
     spec: ServiceSpec,
@@ -187,6 +187,12 @@ pub async fn serve(
     let finished = tokio::time::timeout_at(deadline, in_flight.idle())
         .await
         .is_ok();
+    let cut_off = in_flight.current();
+    if !finished {
+        // Answer what is left with a retryable status rather than a broken connection.
+        in_flight.cut_off();
+        let _ = tokio::time::timeout(Duration::from_millis(250), in_flight.idle()).await;
+    }
     let _ = stop_tx.send(());
     // Closing connections needs a moment even when nothing is in flight any more.
     let close_by = deadline.max(tokio::time::Instant::now() + Duration::from_millis(250));
@@ -205,7 +211,7 @@ pub async fn serve(
     } else {
         tracing::warn!(
             service = spec.name,
-            cut_off = in_flight.current(),
+            cut_off,
             "grace period over: calls still in flight were cut off"
         );
     }

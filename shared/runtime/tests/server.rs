@@ -1,0 +1,261 @@
+//! The server runtime through real gRPC on loopback: health, reflection, the request size
+//! limit and graceful shutdown, with a test implementation of the users contract standing in
+//! for a service (its `GetUser` holds until the test lets it go).
+
+use std::{sync::Arc, time::Duration};
+
+use mesh_proto::users::v1::{
+    BatchGetUsersRequest, BatchGetUsersResponse, CreateUserRequest, DeleteUserRequest,
+    DeleteUserResponse, GetUserRequest, ListUsersRequest, ListUsersResponse, UpdateUserRequest,
+    User, UserEvent, WatchUsersRequest,
+    user_service_client::UserServiceClient,
+    user_service_server::{UserService, UserServiceServer},
+};
+use mesh_runtime::{
+    Lifecycle, ServerConfig, ServiceSpec,
+    testing::{TestServer, assert_standard_server, connect, health_status},
+};
+use tokio::sync::{Notify, mpsc};
+use tonic::{Code, Request, Response, Status};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+const NAME: &str = "mesh.users.v1.UserService";
+const SERVING: i32 = ServingStatus::Serving as i32;
+const NOT_SERVING: i32 = ServingStatus::NotServing as i32;
+
+/// A users service whose `GetUser` reports that it started and then waits to be released, and
+/// whose `CreateUser` echoes the user back.
+#[derive(Clone)]
+struct Slow {
+    started: mpsc::UnboundedSender<()>,
+    release: Arc<Notify>,
+}
+
+#[tonic::async_trait]
+impl UserService for Slow {
+    async fn create_user(
+        &self,
+        request: Request<CreateUserRequest>,
+    ) -> Result<Response<User>, Status> {
+        Ok(Response::new(request.into_inner().user.unwrap_or_default()))
+    }
+    async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<User>, Status> {
+        let _ = self.started.send(());
+        self.release.notified().await;
+        Ok(Response::new(User {
+            id: request.into_inner().id,
+            ..User::default()
+        }))
+    }
+    async fn batch_get_users(
+        &self,
+        _: Request<BatchGetUsersRequest>,
+    ) -> Result<Response<BatchGetUsersResponse>, Status> {
+        Err(Status::unimplemented("test"))
+    }
+    async fn list_users(
+        &self,
+        _: Request<ListUsersRequest>,
+    ) -> Result<Response<ListUsersResponse>, Status> {
+        Err(Status::unimplemented("test"))
+    }
+    async fn update_user(&self, _: Request<UpdateUserRequest>) -> Result<Response<User>, Status> {
+        Err(Status::unimplemented("test"))
+    }
+    async fn delete_user(
+        &self,
+        _: Request<DeleteUserRequest>,
+    ) -> Result<Response<DeleteUserResponse>, Status> {
+        Err(Status::unimplemented("test"))
+    }
+    type WatchUsersStream = tokio_stream::Empty<Result<UserEvent, Status>>;
+    async fn watch_users(
+        &self,
+        _: Request<WatchUsersRequest>,
+    ) -> Result<Response<Self::WatchUsersStream>, Status> {
+        Err(Status::unimplemented("test"))
+    }
+}
+
+struct Harness {
+    server: TestServer,
+    lifecycle: Lifecycle,
+    started: mpsc::UnboundedReceiver<()>,
+    release: Arc<Notify>,
+}
+
+async fn start(config: ServerConfig, ready: bool) -> Harness {
+    let lifecycle = Lifecycle::new(NAME);
+    let (started_tx, started) = mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    let svc = Slow {
+        started: started_tx,
+        release: release.clone(),
+    };
+    if ready {
+        lifecycle.health().set_ready(true);
+    }
+    let server = {
+        let lifecycle = lifecycle.clone();
+        TestServer::start(move |listener, shutdown| async move {
+            let service =
+                UserServiceServer::new(svc).max_decoding_message_size(config.max_request_bytes);
+            let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::USERS);
+            mesh_runtime::serve(listener, spec, &lifecycle, &config, shutdown).await
+        })
+        .await
+    };
+    Harness {
+        server,
+        lifecycle,
+        started,
+        release,
+    }
+}
+
+fn config(grace: Duration, max_request_bytes: usize) -> ServerConfig {
+    ServerConfig {
+        max_request_bytes,
+        grace_period: grace,
+    }
+}
+
+/// Health and reflection are complete on any service the runtime serves.
+#[tokio::test]
+async fn serves_health_and_reflection() {
+    let h = start(ServerConfig::default(), true).await;
+    assert_standard_server(&h.server.channel, NAME).await;
+    h.server.shutdown().await.expect("clean shutdown");
+}
+
+/// Until the service says it is ready, `""` and its name are NOT_SERVING while `liveness` is
+/// SERVING; a health `Watch` sees the flip to SERVING.
+#[tokio::test]
+async fn not_serving_until_ready() {
+    let h = start(ServerConfig::default(), false).await;
+    let ch = &h.server.channel;
+    assert_eq!(health_status(ch, "").await.expect("check"), NOT_SERVING);
+    assert_eq!(health_status(ch, NAME).await.expect("check"), NOT_SERVING);
+    assert_eq!(health_status(ch, "liveness").await.expect("check"), SERVING);
+
+    let mut watch = HealthClient::new(ch.clone())
+        .watch(HealthCheckRequest {
+            service: NAME.into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    assert_eq!(watch.message().await.expect("first").expect("some").status, NOT_SERVING);
+    h.lifecycle.health().set_ready(true);
+    assert_eq!(watch.message().await.expect("second").expect("some").status, SERVING);
+    assert_eq!(health_status(ch, "").await.expect("check"), SERVING);
+    h.server.shutdown().await.expect("clean shutdown");
+}
+
+/// `Watch` of an unknown name answers SERVICE_UNKNOWN on an open stream, which ends at the
+/// drain instead of holding the server open.
+#[tokio::test]
+async fn watch_unknown_name_is_service_unknown() {
+    let mut h = start(ServerConfig::default(), true).await;
+    let mut watch = HealthClient::new(h.server.channel.clone())
+        .watch(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = watch.message().await.expect("first").expect("some");
+    assert_eq!(first.status, ServingStatus::ServiceUnknown as i32);
+    h.server.begin_shutdown();
+    assert!(watch.message().await.expect("clean end").is_none());
+    h.server.join().await.expect("clean shutdown");
+}
+
+/// A request over the limit is RESOURCE_EXHAUSTED (not OUT_OF_RANGE), one at the limit passes,
+/// and the same connection goes on serving.
+#[tokio::test]
+async fn oversized_request_is_resource_exhausted() {
+    let limit = 64 * 1024;
+    let h = start(config(Duration::from_secs(5), limit), true).await;
+    let mut client = UserServiceClient::new(h.server.channel.clone());
+    let request = |bio_len: usize| CreateUserRequest {
+        user: Some(User {
+            bio: "x".repeat(bio_len),
+            ..User::default()
+        }),
+        request_id: String::new(),
+    };
+    // A User with only a bio of n < 16 KiB bytes encodes as 3 + n bytes inside a 3-byte
+    // CreateUserRequest field header: size the payload to land just over and at the limit.
+    let over = client.create_user(request(limit)).await.expect_err("over the limit");
+    assert_eq!(over.code(), Code::ResourceExhausted, "{over:?}");
+    assert!(over.message().contains("limit"), "{over:?}");
+
+    let at_limit = limit - 8;
+    let ok = client.create_user(request(at_limit)).await.expect("under the limit");
+    assert_eq!(ok.into_inner().bio.len(), at_limit);
+    assert_eq!(health_status(&h.server.channel, "").await.expect("check"), SERVING);
+    h.server.shutdown().await.expect("clean shutdown");
+}
+
+/// On shutdown an in-flight call finishes, health answers NOT_SERVING (liveness still
+/// SERVING) while it does, and the server returns once it is done, within the grace period.
+#[tokio::test]
+async fn drain_lets_in_flight_call_finish() {
+    let mut h = start(config(Duration::from_secs(30), 4 << 20), true).await;
+    let mut client = UserServiceClient::new(h.server.channel.clone());
+    let call = tokio::spawn(async move {
+        client
+            .get_user(GetUserRequest { id: "in-flight".into() })
+            .await
+    });
+    h.started.recv().await.expect("call reached the handler");
+
+    h.server.begin_shutdown();
+    // A new connection during the drain is still answered, and says NOT_SERVING.
+    let probe = connect(h.server.addr).await;
+    let status = loop {
+        let status = health_status(&probe, "").await.expect("health during drain");
+        if status == NOT_SERVING {
+            break status;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(status, NOT_SERVING);
+    assert_eq!(health_status(&probe, NAME).await.expect("check"), NOT_SERVING);
+    assert_eq!(health_status(&probe, "liveness").await.expect("check"), SERVING);
+    // Readiness cannot come back once draining.
+    h.lifecycle.health().set_ready(true);
+    assert_eq!(health_status(&probe, "").await.expect("check"), NOT_SERVING);
+    assert!(h.lifecycle.drain().is_draining());
+
+    h.release.notify_one();
+    let user = call.await.expect("task").expect("the in-flight call succeeds");
+    assert_eq!(user.into_inner().id, "in-flight");
+    tokio::time::timeout(Duration::from_secs(10), h.server.join())
+        .await
+        .expect("returns long before the 30 s grace period")
+        .expect("clean shutdown");
+}
+
+/// A call still running when the grace period ends is cut off and the server returns.
+#[tokio::test]
+async fn grace_period_bounds_the_drain() {
+    let mut h = start(config(Duration::from_millis(300), 4 << 20), true).await;
+    let mut client = UserServiceClient::new(h.server.channel.clone());
+    let call = tokio::spawn(async move {
+        client
+            .get_user(GetUserRequest { id: "stuck".into() })
+            .await
+    });
+    h.started.recv().await.expect("call reached the handler");
+    h.server.begin_shutdown();
+    tokio::time::timeout(Duration::from_secs(10), h.server.join())
+        .await
+        .expect("the drain is bounded by the grace period")
+        .expect("clean shutdown");
+    let cut = call.await.expect("task").expect_err("the stuck call was cut off");
+    assert_eq!(cut.code(), Code::Unavailable, "{cut:?}");
+}
