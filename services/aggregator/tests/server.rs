@@ -1,6 +1,8 @@
 //! The aggregator in-process on port 0, through the generated clients.
 
-use mesh_proto::aggregator::v1::{GetMeRequest, aggregator_service_client::AggregatorServiceClient};
+use mesh_proto::aggregator::v1::{
+    GetMeRequest, aggregator_service_client::AggregatorServiceClient,
+};
 use mesh_runtime::testing::{TestServer, assert_standard_server};
 
 async fn start() -> TestServer {

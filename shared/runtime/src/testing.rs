@@ -28,7 +28,9 @@ impl TestServer {
         F: FnOnce(TcpListener, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
         Fut: Future<Output = Result<(), ServeError>> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local address");
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = Box::pin(async move {
@@ -158,16 +160,30 @@ pub async fn assert_standard_server(channel: &Channel, own: &str) {
     use tonic_health::pb::health_check_response::ServingStatus;
     let serving = ServingStatus::Serving as i32;
     assert_eq!(health_status(channel, "").await.expect("\"\""), serving);
-    assert_eq!(health_status(channel, own).await.expect("own name"), serving);
-    assert_eq!(health_status(channel, "liveness").await.expect("liveness"), serving);
-    let unknown = health_status(channel, "no.such.Service").await.expect_err("unknown name");
+    assert_eq!(
+        health_status(channel, own).await.expect("own name"),
+        serving
+    );
+    assert_eq!(
+        health_status(channel, "liveness").await.expect("liveness"),
+        serving
+    );
+    let unknown = health_status(channel, "no.such.Service")
+        .await
+        .expect_err("unknown name");
     assert_eq!(unknown.code(), tonic::Code::NotFound);
 
     let expected = expected_services(own);
     assert_eq!(list_services_v1(channel).await, expected);
     assert_eq!(list_services_v1alpha(channel).await, expected);
     for symbol in &expected {
-        assert!(describes_v1(channel, symbol).await, "v1 cannot describe {symbol}");
-        assert!(describes_v1alpha(channel, symbol).await, "v1alpha cannot describe {symbol}");
+        assert!(
+            describes_v1(channel, symbol).await,
+            "v1 cannot describe {symbol}"
+        );
+        assert!(
+            describes_v1alpha(channel, symbol).await,
+            "v1alpha cannot describe {symbol}"
+        );
     }
 }

@@ -147,9 +147,15 @@ async fn not_serving_until_ready() {
         .await
         .expect("watch")
         .into_inner();
-    assert_eq!(watch.message().await.expect("first").expect("some").status, NOT_SERVING);
+    assert_eq!(
+        watch.message().await.expect("first").expect("some").status,
+        NOT_SERVING
+    );
     h.lifecycle.health().set_ready(true);
-    assert_eq!(watch.message().await.expect("second").expect("some").status, SERVING);
+    assert_eq!(
+        watch.message().await.expect("second").expect("some").status,
+        SERVING
+    );
     assert_eq!(health_status(ch, "").await.expect("check"), SERVING);
     h.server.shutdown().await.expect("clean shutdown");
 }
@@ -189,14 +195,23 @@ async fn oversized_request_is_resource_exhausted() {
     };
     // A User with only a bio of n < 16 KiB bytes encodes as 3 + n bytes inside a 3-byte
     // CreateUserRequest field header: size the payload to land just over and at the limit.
-    let over = client.create_user(request(limit)).await.expect_err("over the limit");
+    let over = client
+        .create_user(request(limit))
+        .await
+        .expect_err("over the limit");
     assert_eq!(over.code(), Code::ResourceExhausted, "{over:?}");
     assert!(over.message().contains("limit"), "{over:?}");
 
     let at_limit = limit - 8;
-    let ok = client.create_user(request(at_limit)).await.expect("under the limit");
+    let ok = client
+        .create_user(request(at_limit))
+        .await
+        .expect("under the limit");
     assert_eq!(ok.into_inner().bio.len(), at_limit);
-    assert_eq!(health_status(&h.server.channel, "").await.expect("check"), SERVING);
+    assert_eq!(
+        health_status(&h.server.channel, "").await.expect("check"),
+        SERVING
+    );
     h.server.shutdown().await.expect("clean shutdown");
 }
 
@@ -208,7 +223,9 @@ async fn drain_lets_in_flight_call_finish() {
     let mut client = UserServiceClient::new(h.server.channel.clone());
     let call = tokio::spawn(async move {
         client
-            .get_user(GetUserRequest { id: "in-flight".into() })
+            .get_user(GetUserRequest {
+                id: "in-flight".into(),
+            })
             .await
     });
     h.started.recv().await.expect("call reached the handler");
@@ -217,22 +234,33 @@ async fn drain_lets_in_flight_call_finish() {
     // A new connection during the drain is still answered, and says NOT_SERVING.
     let probe = connect(h.server.addr).await;
     let status = loop {
-        let status = health_status(&probe, "").await.expect("health during drain");
+        let status = health_status(&probe, "")
+            .await
+            .expect("health during drain");
         if status == NOT_SERVING {
             break status;
         }
         tokio::task::yield_now().await;
     };
     assert_eq!(status, NOT_SERVING);
-    assert_eq!(health_status(&probe, NAME).await.expect("check"), NOT_SERVING);
-    assert_eq!(health_status(&probe, "liveness").await.expect("check"), SERVING);
+    assert_eq!(
+        health_status(&probe, NAME).await.expect("check"),
+        NOT_SERVING
+    );
+    assert_eq!(
+        health_status(&probe, "liveness").await.expect("check"),
+        SERVING
+    );
     // Readiness cannot come back once draining.
     h.lifecycle.health().set_ready(true);
     assert_eq!(health_status(&probe, "").await.expect("check"), NOT_SERVING);
     assert!(h.lifecycle.drain().is_draining());
 
     h.release.notify_one();
-    let user = call.await.expect("task").expect("the in-flight call succeeds");
+    let user = call
+        .await
+        .expect("task")
+        .expect("the in-flight call succeeds");
     assert_eq!(user.into_inner().id, "in-flight");
     tokio::time::timeout(Duration::from_secs(10), h.server.join())
         .await
@@ -245,17 +273,17 @@ async fn drain_lets_in_flight_call_finish() {
 async fn grace_period_bounds_the_drain() {
     let mut h = start(config(Duration::from_millis(300), 4 << 20), true).await;
     let mut client = UserServiceClient::new(h.server.channel.clone());
-    let call = tokio::spawn(async move {
-        client
-            .get_user(GetUserRequest { id: "stuck".into() })
-            .await
-    });
+    let call =
+        tokio::spawn(async move { client.get_user(GetUserRequest { id: "stuck".into() }).await });
     h.started.recv().await.expect("call reached the handler");
     h.server.begin_shutdown();
     tokio::time::timeout(Duration::from_secs(10), h.server.join())
         .await
         .expect("the drain is bounded by the grace period")
         .expect("clean shutdown");
-    let cut = call.await.expect("task").expect_err("the stuck call was cut off");
+    let cut = call
+        .await
+        .expect("task")
+        .expect_err("the stuck call was cut off");
     assert_eq!(cut.code(), Code::Unavailable, "{cut:?}");
 }
