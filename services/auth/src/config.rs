@@ -1,8 +1,10 @@
 //! The auth service's configuration: flags with environment-variable fallbacks.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use mesh_runtime::ServerConfig;
+use mesh_runtime::{ServerConfig, parse_duration};
+
+use crate::clients::ServiceClientSpec;
 
 /// The auth service's default address: loopback, port 50052.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50052";
@@ -14,16 +16,60 @@ pub struct Config {
     #[arg(long = "listen", env = "MESH_AUTH_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
 
+    /// Folder for local state. With no `--signing-key`, a development signing key is
+    /// generated once and kept at `<data-dir>/auth/dev-signing-key.pem`.
+    #[arg(long, env = "MESH_DATA_DIR", default_value = ".mesh")]
+    pub data_dir: PathBuf,
+
+    /// Ed25519 PKCS#8 PEM private key files, oldest first (comma-separated in the environment).
+    /// The last one signs new tokens; all are published in the JWKS, so rotating keys logs
+    /// nobody out.
+    #[arg(
+        long = "signing-key",
+        env = "MESH_AUTH_SIGNING_KEYS",
+        value_delimiter = ','
+    )]
+    pub signing_keys: Vec<PathBuf>,
+
+    /// The `iss` claim of issued tokens.
+    #[arg(long, env = "MESH_AUTH_ISSUER", default_value = "mesh-auth")]
+    pub issuer: String,
+
+    /// The `aud` claim of issued tokens.
+    #[arg(long, env = "MESH_AUTH_AUDIENCE", default_value = "mesh")]
+    pub audience: String,
+
+    /// Lifetime of access tokens, users' and services' alike.
+    #[arg(long, env = "MESH_AUTH_ACCESS_TOKEN_TTL", default_value = "15m",
+          value_parser = parse_duration)]
+    pub access_token_ttl: Duration,
+
+    /// Service clients for IssueServiceToken, as `client_id=sha256:<hex of SHA-256 of the
+    /// secret>` or, for development only, `client_id=plain:<secret>` (comma-separated in the
+    /// environment).
+    #[arg(
+        long = "service-client",
+        env = "MESH_AUTH_SERVICE_CLIENTS",
+        value_delimiter = ','
+    )]
+    pub service_clients: Vec<ServiceClientSpec>,
+
     /// Settings shared by every mesh server.
     #[command(flatten)]
     pub server: ServerConfig,
 }
 
 impl Config {
-    /// The defaults, listening on `listen`.
-    pub fn with_listen(listen: SocketAddr) -> Self {
+    /// The defaults, listening on `listen` and keeping state under `data_dir`.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
         Self {
             listen,
+            data_dir,
+            signing_keys: Vec::new(),
+            issuer: "mesh-auth".to_owned(),
+            audience: "mesh".to_owned(),
+            access_token_ttl: Duration::from_secs(15 * 60),
+            service_clients: Vec::new(),
             server: ServerConfig::default(),
         }
     }

@@ -4,19 +4,60 @@
 //! The crate is the whole service; its binary and `mesh auth` only parse [`Config`] and call
 //! [`run`]. Tests call [`serve`] with a listener bound on port 0.
 //!
-//! Every method answers `UNIMPLEMENTED` for now; health, reflection, limits and graceful
+//! Built so far: the signing key ring (PEM files, or a development key kept in the data
+//! folder), `GetJwks` and `IssueServiceToken`. The methods that need credentials and sessions
+//! in a database answer `UNIMPLEMENTED` for now. Health, reflection, limits and graceful
 //! shutdown come from [`mesh_runtime`].
 
+mod clients;
 mod config;
+mod error;
 mod server;
+mod tokens;
 
 use std::future::Future;
 
 use mesh_runtime::{Lifecycle, ServeError, ServiceSpec};
+use mesh_token::{KeyError, KeyRing};
 use tokio::net::TcpListener;
 
+pub use clients::ServiceClientSpec;
 pub use config::{Config, DEFAULT_LISTEN};
 pub use server::AuthServer;
+
+/// Why the auth service could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The signing keys could not be loaded or created.
+    #[error("cannot load the signing keys")]
+    Keys(#[from] KeyError),
+    /// The server could not run.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// The signing keys of `config`: its PEM files, or else the development key in the data
+/// folder (created on first use, with a warning).
+fn load_keys(config: &Config) -> Result<KeyRing, KeyError> {
+    if !config.signing_keys.is_empty() {
+        let ring = KeyRing::load_pem_files(&config.signing_keys)?;
+        tracing::info!(
+            signing_kid = ring.signing_kid(),
+            keys = config.signing_keys.len(),
+            "signing keys loaded"
+        );
+        return Ok(ring);
+    }
+    let path = config.data_dir.join("auth").join("dev-signing-key.pem");
+    let (ring, created) = KeyRing::load_or_create_dev_key(&path)?;
+    tracing::warn!(
+        path = %path.display(),
+        created,
+        signing_kid = ring.signing_kid(),
+        "no --signing-key configured: using a development key; configure real keys in production"
+    );
+    Ok(ring)
+}
 
 /// The service's fully qualified name, as health checking and reflection spell it.
 pub const SERVICE_NAME: &str = mesh_proto::service_names::AUTH;
@@ -26,17 +67,24 @@ pub async fn serve(
     config: &Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), ServeError> {
+) -> Result<(), Error> {
     let lifecycle = Lifecycle::new(SERVICE_NAME);
-    let service = AuthServer::new().into_service(config.server.max_request_bytes);
-    // Nothing to wait for before taking calls yet: ready as soon as the service exists.
+    let issuer = tokens::TokenIssuer::new(
+        load_keys(config)?,
+        config.issuer.clone(),
+        config.audience.clone(),
+        config.access_token_ttl,
+    );
+    let clients = clients::ServiceClients::new(config.service_clients.clone());
+    let service = AuthServer::new(issuer, clients).into_service(config.server.max_request_bytes);
+    // Ready once the keys are loaded: nothing else to wait for yet.
     lifecycle.health().set_ready(true);
     let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::AUTH);
-    mesh_runtime::serve(listener, spec, &lifecycle, &config.server, shutdown).await
+    Ok(mesh_runtime::serve(listener, spec, &lifecycle, &config.server, shutdown).await?)
 }
 
 /// Binds `config.listen` and serves until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), ServeError> {
+pub async fn run(config: Config) -> Result<(), Error> {
     let listener = mesh_runtime::bind(config.listen).await?;
     serve(&config, listener, mesh_runtime::shutdown_signal()).await
 }

@@ -1,5 +1,6 @@
 //! The tonic implementation of `mesh.auth.v1.AuthService`.
 
+use mesh_proto::auth::v1::Jwk;
 use mesh_proto::auth::v1::{
     DeleteAccountRequest, DeleteAccountResponse, GetJwksRequest, GetJwksResponse,
     IssueServiceTokenRequest, IssueServiceTokenResponse, ListSessionsRequest, ListSessionsResponse,
@@ -9,14 +10,32 @@ use mesh_proto::auth::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::{
+    clients::ServiceClients,
+    error::AuthError,
+    tokens::{TokenIssuer, unix_now},
+};
+
 /// The auth service's gRPC handlers.
-#[derive(Debug, Clone, Default)]
-pub struct AuthServer {}
+#[derive(Debug, Clone)]
+pub struct AuthServer {
+    issuer: TokenIssuer,
+    clients: ServiceClients,
+}
+
+/// The longest client id or secret looked at; anything longer cannot be a configured one.
+const MAX_CLIENT_FIELD_BYTES: usize = 1024;
+
+fn timestamp(unix_seconds: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: unix_seconds,
+        nanos: 0,
+    }
+}
 
 impl AuthServer {
-    /// A new handler set.
-    pub fn new() -> Self {
-        Self::default()
+    pub(crate) fn new(issuer: TokenIssuer, clients: ServiceClients) -> Self {
+        Self { issuer, clients }
     }
 
     /// The tonic service, accepting request messages up to `max_request_bytes`.
@@ -72,7 +91,23 @@ impl AuthService for AuthServer {
         &self,
         _request: Request<GetJwksRequest>,
     ) -> Result<Response<GetJwksResponse>, Status> {
-        Err(unimplemented("GetJwks"))
+        let jwks = self.issuer.jwks();
+        let keys = jwks
+            .keys
+            .iter()
+            .map(|k| Jwk {
+                kid: k.kid.clone(),
+                kty: k.kty.clone(),
+                crv: k.crv.clone(),
+                x: k.x.clone(),
+                alg: k.alg.clone(),
+                r#use: k.use_.clone(),
+            })
+            .collect();
+        Ok(Response::new(GetJwksResponse {
+            keys,
+            jwks_json: jwks.to_json(),
+        }))
     }
 
     async fn list_sessions(
@@ -91,8 +126,29 @@ impl AuthService for AuthServer {
 
     async fn issue_service_token(
         &self,
-        _request: Request<IssueServiceTokenRequest>,
+        request: Request<IssueServiceTokenRequest>,
     ) -> Result<Response<IssueServiceTokenResponse>, Status> {
-        Err(unimplemented("IssueServiceToken"))
+        let IssueServiceTokenRequest {
+            client_id,
+            client_secret,
+        } = request.into_inner();
+        let client_id = client_id.trim();
+        if client_id.is_empty() {
+            return Err(AuthError::InvalidArgument("client_id must not be empty".into()).into());
+        }
+        if client_id.len() > MAX_CLIENT_FIELD_BYTES || client_secret.len() > MAX_CLIENT_FIELD_BYTES
+        {
+            return Err(AuthError::BadCredentials.into());
+        }
+        if !self.clients.verify(client_id, &client_secret) {
+            tracing::info!(client_id, "service token refused: bad client credentials");
+            return Err(AuthError::BadCredentials.into());
+        }
+        let issued = self.issuer.issue_service(client_id, unix_now());
+        tracing::info!(client_id, "service token issued");
+        Ok(Response::new(IssueServiceTokenResponse {
+            access_token: issued.token,
+            expire_time: Some(timestamp(issued.expires_at)),
+        }))
     }
 }

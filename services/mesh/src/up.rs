@@ -39,6 +39,11 @@ pub(crate) struct UpArgs {
     #[arg(long, env = "MESH_USERS_LISTEN", default_value = mesh_users::DEFAULT_LISTEN)]
     users_listen: SocketAddr,
 
+    /// Folder for the services' local state (auth's development signing key; the services'
+    /// databases as they arrive).
+    #[arg(long, env = "MESH_DATA_DIR", default_value = ".mesh")]
+    data_dir: std::path::PathBuf,
+
     /// How long each service may take to report SERVING before `mesh up` gives up.
     #[arg(long, env = "MESH_READY_TIMEOUT", default_value = "30s",
           value_parser = mesh_runtime::parse_duration)]
@@ -116,7 +121,7 @@ pub(crate) async fn run(args: UpArgs, log_format: LogFormat) -> Result<(), UpErr
     ];
     let mut services = Vec::with_capacity(plan.len());
     for (name, addr) in plan {
-        match spawn(&exe, name, addr, &args.server, log_format) {
+        match spawn(&exe, name, addr, &args, log_format) {
             Ok(service) => services.push(service),
             Err(err) => {
                 let _ = stop_all(&mut services, &args.server).await;
@@ -177,9 +182,10 @@ fn spawn(
     exe: &std::path::Path,
     name: &'static str,
     addr: SocketAddr,
-    server: &ServerConfig,
+    args: &UpArgs,
     log_format: LogFormat,
 ) -> Result<Service, UpError> {
+    let server = &args.server;
     let mut command = Command::new(exe);
     command
         .arg(name)
@@ -193,6 +199,9 @@ fn spawn(
         .arg(log_format.to_string())
         .stdin(Stdio::null())
         .kill_on_drop(true);
+    if name == "auth" {
+        command.arg("--data-dir").arg(&args.data_dir);
+    }
     // Text logs get the service's name in front of every line; JSON lines stay valid JSON.
     if log_format == LogFormat::Text {
         command.stderr(Stdio::piped());

@@ -8,7 +8,8 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::{Status, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::ServeError;
+/// Whatever error a service's `serve` returns.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A server running in-process on a loopback port chosen by the OS.
 #[derive(Debug)]
@@ -18,15 +19,16 @@ pub struct TestServer {
     /// A channel to it.
     pub channel: Channel,
     stop: Option<oneshot::Sender<()>>,
-    handle: JoinHandle<Result<(), ServeError>>,
+    handle: JoinHandle<Result<(), BoxError>>,
 }
 
 impl TestServer {
     /// Binds `127.0.0.1:0` and runs `serve(listener, shutdown)` on it.
-    pub async fn start<F, Fut>(serve: F) -> Self
+    pub async fn start<F, Fut, E>(serve: F) -> Self
     where
         F: FnOnce(TcpListener, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
-        Fut: Future<Output = Result<(), ServeError>> + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::error::Error + Send + Sync + 'static,
     {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -36,7 +38,8 @@ impl TestServer {
         let shutdown = Box::pin(async move {
             let _ = stopped.await;
         });
-        let handle = tokio::spawn(serve(listener, shutdown));
+        let served = serve(listener, shutdown);
+        let handle = tokio::spawn(async move { served.await.map_err(BoxError::from) });
         let channel = connect(addr).await;
         Self {
             addr,
@@ -54,13 +57,13 @@ impl TestServer {
     }
 
     /// Shuts the server down and waits for `serve` to return.
-    pub async fn shutdown(mut self) -> Result<(), ServeError> {
+    pub async fn shutdown(mut self) -> Result<(), BoxError> {
         self.begin_shutdown();
         self.handle.await?
     }
 
     /// Waits for `serve` to return (after [`TestServer::begin_shutdown`]).
-    pub async fn join(self) -> Result<(), ServeError> {
+    pub async fn join(self) -> Result<(), BoxError> {
         self.handle.await?
     }
 }

@@ -1,0 +1,80 @@
+//! Issuing access tokens: claims, lifetimes and the signing key ring.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mesh_token::{Claims, Jwks, KeyRing, SERVICE_SUBJECT_PREFIX};
+
+/// An issued access token and when it expires (Unix seconds).
+#[derive(Debug, Clone)]
+pub(crate) struct IssuedToken {
+    pub(crate) token: String,
+    pub(crate) expires_at: i64,
+}
+
+/// Signs the mesh's access tokens.
+#[derive(Debug, Clone)]
+pub(crate) struct TokenIssuer {
+    keys: KeyRing,
+    issuer: String,
+    audience: String,
+    ttl: Duration,
+}
+
+pub(crate) fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl TokenIssuer {
+    pub(crate) fn new(keys: KeyRing, issuer: String, audience: String, ttl: Duration) -> Self {
+        Self {
+            keys,
+            issuer,
+            audience,
+            ttl,
+        }
+    }
+
+    /// A token for service `client_id`: `sub` = `service:<client_id>`, no e-mail, no session.
+    pub(crate) fn issue_service(&self, client_id: &str, now: i64) -> IssuedToken {
+        self.issue(
+            format!("{SERVICE_SUBJECT_PREFIX}{client_id}"),
+            None,
+            None,
+            now,
+        )
+    }
+
+    fn issue(
+        &self,
+        sub: String,
+        email: Option<String>,
+        sid: Option<String>,
+        now: i64,
+    ) -> IssuedToken {
+        let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
+        let expires_at = now.saturating_add(ttl);
+        let claims = Claims {
+            iss: self.issuer.clone(),
+            aud: vec![self.audience.clone()],
+            sub,
+            email,
+            sid,
+            iat: now,
+            nbf: now,
+            exp: expires_at,
+            jti: uuid::Uuid::now_v7().to_string(),
+        };
+        IssuedToken {
+            token: self.keys.sign(&claims),
+            expires_at,
+        }
+    }
+
+    /// The public keys of every signing key.
+    pub(crate) fn jwks(&self) -> Jwks {
+        self.keys.jwks()
+    }
+}
