@@ -92,7 +92,7 @@ impl KeyRing {
     /// A fresh random key.
     pub fn generate() -> Result<Self, KeyError> {
         let mut secret = [0u8; 32];
-        getrandom::fill(&mut secret).map_err(|_| KeyError::Random)?;
+        getrandom::getrandom(&mut secret).map_err(|_| KeyError::Random)?;
         Self::new(vec![SigningKey::from_bytes(&secret)])
     }
 
