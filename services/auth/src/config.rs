@@ -21,6 +21,11 @@ pub struct Config {
     #[arg(long, env = "MESH_DATA_DIR", default_value = ".mesh")]
     pub data_dir: PathBuf,
 
+    /// Database URL: `postgres://…` for PostgreSQL, `sqlite://…` for another SQLite file.
+    /// Unset: the embedded SQLite file `<data-dir>/auth/auth.db`.
+    #[arg(long, env = "MESH_AUTH_DATABASE_URL")]
+    pub database_url: Option<String>,
+
     /// Ed25519 PKCS#8 PEM private key files, oldest first (comma-separated in the environment).
     /// The last one signs new tokens; all are published in the JWKS, so rotating keys logs
     /// nobody out.
@@ -65,6 +70,7 @@ impl Config {
         Self {
             listen,
             data_dir,
+            database_url: None,
             signing_keys: Vec::new(),
             issuer: "mesh-auth".to_owned(),
             audience: "mesh".to_owned(),

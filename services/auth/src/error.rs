@@ -1,6 +1,10 @@
 //! The auth service's errors and their one mapping to gRPC statuses.
 
+use std::time::Duration;
+
 use tonic::Status;
+
+use crate::store::StoreError;
 
 /// What can go wrong in an auth call.
 #[derive(Debug, thiserror::Error)]
@@ -11,13 +15,51 @@ pub(crate) enum AuthError {
     /// Bad credentials of any kind. The message is the same whatever was wrong.
     #[error("invalid credentials")]
     BadCredentials,
+    /// The bearer token is missing, malformed, expired, or its session is over.
+    #[error("missing or invalid access token")]
+    BadToken,
+    /// A valid token that may not do this.
+    #[error("{0}")]
+    PermissionDenied(&'static str),
+    /// Too many failed logins: retry after the given time.
+    #[error("too many failed logins")]
+    Throttled(Duration),
+    /// The database is unreachable: retryable.
+    #[error("storage unavailable")]
+    Store(#[from] StoreError),
+    /// A bug or an environment failure; the detail is logged, never sent.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl From<AuthError> for Status {
     fn from(err: AuthError) -> Self {
         match err {
             AuthError::InvalidArgument(message) => Status::invalid_argument(message),
-            AuthError::BadCredentials => Status::unauthenticated("invalid credentials"),
+            AuthError::BadCredentials => Status::unauthenticated("invalid email or password"),
+            AuthError::BadToken => Status::unauthenticated("missing or invalid access token"),
+            AuthError::PermissionDenied(why) => Status::permission_denied(why),
+            AuthError::Throttled(retry_after) => {
+                let seconds = retry_after.as_secs().max(1);
+                let mut status = Status::resource_exhausted(format!(
+                    "too many failed logins for this account; retry in {seconds} s"
+                ));
+                if let Ok(value) = seconds.to_string().parse() {
+                    status.metadata_mut().insert("retry-after", value);
+                }
+                status
+            }
+            AuthError::Store(StoreError::EmailTaken) => {
+                Status::already_exists("an account with this email already exists")
+            }
+            AuthError::Store(err) => {
+                tracing::error!(error = %mesh_runtime::cli::error_chain(&err), "storage failure");
+                Status::unavailable("storage unavailable; retry")
+            }
+            AuthError::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                Status::internal("internal error")
+            }
         }
     }
 }

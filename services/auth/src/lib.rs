@@ -4,15 +4,17 @@
 //! The crate is the whole service; its binary and `mesh auth` only parse [`Config`] and call
 //! [`run`]. Tests call [`serve`] with a listener bound on port 0.
 //!
-//! Built so far: the signing key ring (PEM files, or a development key kept in the data
-//! folder), `GetJwks` and `IssueServiceToken`. The methods that need credentials and sessions
-//! in a database answer `UNIMPLEMENTED` for now. Health, reflection, limits and graceful
-//! shutdown come from [`mesh_runtime`].
+//! Layers, top-down: [`Config`] → `server` (the tonic handlers: parse, validate, map errors) →
+//! `domain` (e-mail and password rules, Argon2id on the blocking pool, refresh tokens,
+//! throttling) and `tokens` (JWT issuing) → [`store`] (SQLite or PostgreSQL). Health,
+//! reflection, limits and graceful shutdown come from [`mesh_runtime`].
 
 mod clients;
 mod config;
+mod domain;
 mod error;
 mod server;
+pub mod store;
 mod tokens;
 
 use std::future::Future;
@@ -31,6 +33,12 @@ pub enum Error {
     /// The signing keys could not be loaded or created.
     #[error("cannot load the signing keys")]
     Keys(#[from] KeyError),
+    /// The database could not be opened or migrated.
+    #[error("cannot open the database")]
+    Store(#[from] store::StoreError),
+    /// The password hasher could not start.
+    #[error("cannot start the password hasher: {0}")]
+    Hasher(String),
     /// The server could not run.
     #[error(transparent)]
     Serve(#[from] ServeError),
@@ -76,8 +84,14 @@ pub async fn serve(
         config.access_token_ttl,
     );
     let clients = clients::ServiceClients::new(config.service_clients.clone());
-    let service = AuthServer::new(issuer, clients).into_service(config.server.max_request_bytes);
-    // Ready once the keys are loaded: nothing else to wait for yet.
+    let store = store::open(config.database_url.as_deref(), &config.data_dir).await?;
+    let parallelism = std::thread::available_parallelism().map_or(1, usize::from);
+    let hasher = domain::PasswordHasher::new(parallelism)
+        .await
+        .map_err(|e| Error::Hasher(e.to_string()))?;
+    let service = AuthServer::new(issuer, clients, store, hasher)
+        .into_service(config.server.max_request_bytes);
+    // Ready once the keys are loaded and the database is migrated.
     lifecycle.health().set_ready(true);
     let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::AUTH);
     Ok(mesh_runtime::serve(listener, spec, &lifecycle, &config.server, shutdown).await?)

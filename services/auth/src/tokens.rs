@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use mesh_token::{Claims, Jwks, KeyRing, SERVICE_SUBJECT_PREFIX};
+use mesh_token::{Claims, Jwks, KeyRing, SERVICE_SUBJECT_PREFIX, TokenError, Verifier};
 
 /// An issued access token and when it expires (Unix seconds).
 #[derive(Debug, Clone)]
@@ -15,6 +15,7 @@ pub(crate) struct IssuedToken {
 #[derive(Debug, Clone)]
 pub(crate) struct TokenIssuer {
     keys: KeyRing,
+    verifier: Verifier,
     issuer: String,
     audience: String,
     ttl: Duration,
@@ -29,12 +30,37 @@ pub(crate) fn unix_now() -> i64 {
 
 impl TokenIssuer {
     pub(crate) fn new(keys: KeyRing, issuer: String, audience: String, ttl: Duration) -> Self {
+        // The ring's own JWKS always holds valid Ed25519 keys.
+        let verifier = Verifier::new(&keys.jwks(), issuer.clone(), audience.clone(), 30)
+            .unwrap_or_else(|_| unreachable!("a key ring publishes valid keys"));
         Self {
             keys,
+            verifier,
             issuer,
             audience,
             ttl,
         }
+    }
+
+    /// A token for user `user_id` in session `session_id`.
+    pub(crate) fn issue_user(
+        &self,
+        user_id: &str,
+        email: &str,
+        session_id: &str,
+        now: i64,
+    ) -> IssuedToken {
+        self.issue(
+            user_id.to_owned(),
+            Some(email.to_owned()),
+            Some(session_id.to_owned()),
+            now,
+        )
+    }
+
+    /// Verifies a token signed by this ring (signature and claims only).
+    pub(crate) fn verify(&self, token: &str, now: i64) -> Result<Claims, TokenError> {
+        self.verifier.verify(token, now)
     }
 
     /// A token for service `client_id`: `sub` = `service:<client_id>`, no e-mail, no session.

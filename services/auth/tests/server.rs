@@ -46,17 +46,17 @@ async fn health_and_reflection() {
     server.shutdown().await.expect("clean shutdown");
 }
 
-/// A method not built yet answers a clean UNIMPLEMENTED naming itself.
+/// An empty Login is refused as INVALID_ARGUMENT naming the field.
 #[tokio::test]
-async fn unbuilt_methods_are_unimplemented() {
+async fn empty_login_is_invalid() {
     let data = tempfile::tempdir().expect("tempdir");
     let server = start(config(data.path())).await;
     let status = AuthServiceClient::new(server.channel.clone())
         .login(LoginRequest::default())
         .await
-        .expect_err("not implemented yet");
-    assert_eq!(status.code(), Code::Unimplemented);
-    assert!(status.message().contains("Login"), "{status:?}");
+        .expect_err("empty");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("email"), "{status:?}");
     server.shutdown().await.expect("clean shutdown");
 }
 

@@ -1,0 +1,345 @@
+//! The auth domain: validated inputs, password hashing on the blocking pool, refresh tokens and
+//! login throttling. Plain Rust, no gRPC types.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use argon2::{
+    Algorithm, Argon2, Params, PasswordHash, PasswordHasher as _, PasswordVerifier as _, Version,
+    password_hash::SaltString,
+};
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::Semaphore;
+
+use crate::error::AuthError;
+
+/// The longest e-mail address accepted (RFC 5321's path limit).
+pub(crate) const MAX_EMAIL_CHARS: usize = 254;
+/// Password length bounds, in bytes.
+pub(crate) const PASSWORD_BYTES: std::ops::RangeInclusive<usize> = 8..=1024;
+
+/// An e-mail address, trimmed and lower-cased.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Email(String);
+
+impl Email {
+    /// Trims, lower-cases and checks that `raw` looks like an address.
+    pub(crate) fn parse(raw: &str) -> Result<Self, AuthError> {
+        let email = raw.trim().to_lowercase();
+        let invalid = |why: &str| AuthError::InvalidArgument(format!("email {why}"));
+        if email.is_empty() {
+            return Err(invalid("must not be empty"));
+        }
+        if email.chars().count() > MAX_EMAIL_CHARS {
+            return Err(invalid("must be at most 254 characters"));
+        }
+        let Some((local, domain)) = email.split_once('@') else {
+            return Err(invalid("must look like name@example.com"));
+        };
+        let looks_right = !local.is_empty()
+            && !domain.is_empty()
+            && !domain.contains('@')
+            && domain.contains('.')
+            && !domain.starts_with('.')
+            && !domain.ends_with('.')
+            && !email.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !looks_right {
+            return Err(invalid("must look like name@example.com"));
+        }
+        Ok(Self(email))
+    }
+
+    /// The normalised address.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The key login throttling uses: the normalised form of any input, valid or not.
+    pub(crate) fn throttle_key(raw: &str) -> String {
+        raw.trim().to_lowercase()
+    }
+}
+
+/// Checks a new password's length (bytes, never trimmed).
+pub(crate) fn check_password(password: &str) -> Result<(), AuthError> {
+    if PASSWORD_BYTES.contains(&password.len()) {
+        Ok(())
+    } else {
+        Err(AuthError::InvalidArgument(
+            "password must be 8 to 1024 bytes".into(),
+        ))
+    }
+}
+
+/// Argon2id hashing and verification, run on the blocking pool behind a bound of one per core
+/// so a login storm never starves the runtime's workers (or health checks).
+#[derive(Debug, Clone)]
+pub(crate) struct PasswordHasher {
+    argon2: Argon2<'static>,
+    permits: Arc<Semaphore>,
+    /// A hash of a random password, verified against when the e-mail is unknown so that the
+    /// answer takes as long as for a wrong password.
+    dummy_hash: Arc<String>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// OWASP's minimum for Argon2id: 19 MiB, 2 iterations, 1 lane.
+pub(crate) fn argon2_params() -> Params {
+    // These constants are valid Argon2 parameters.
+    Params::new(19 * 1024, 2, 1, None).unwrap_or_default()
+}
+
+impl PasswordHasher {
+    pub(crate) async fn new(concurrency: usize) -> Result<Self, AuthError> {
+        let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, argon2_params());
+        let mut hasher = Self {
+            argon2,
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            dummy_hash: Arc::new(String::new()),
+            queued: Arc::default(),
+        };
+        let dummy = B64.encode(random_bytes::<16>()?);
+        hasher.dummy_hash = Arc::new(hasher.hash(dummy).await?);
+        Ok(hasher)
+    }
+
+    /// How many hash operations are waiting for or holding a permit.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn on_blocking_pool<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Argon2<'static>) -> T + Send + 'static,
+    ) -> Result<T, AuthError> {
+        use std::sync::atomic::Ordering;
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let _queued = scopeguard(self.queued.clone());
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| AuthError::Internal("hasher closed".into()))?;
+        let argon2 = self.argon2.clone();
+        tokio::task::spawn_blocking(move || work(&argon2))
+            .await
+            .map_err(|e| AuthError::Internal(format!("hashing task failed: {e}")))
+    }
+
+    /// The PHC string of `password` with a fresh salt.
+    pub(crate) async fn hash(&self, password: String) -> Result<String, AuthError> {
+        let salt = SaltString::encode_b64(&random_bytes::<16>()?)
+            .map_err(|e| AuthError::Internal(format!("salt: {e}")))?;
+        self.on_blocking_pool(move |argon2| {
+            argon2
+                .hash_password(password.as_bytes(), &salt)
+                .map(|h| h.to_string())
+                .map_err(|e| AuthError::Internal(format!("hashing: {e}")))
+        })
+        .await?
+    }
+
+    /// Whether `password` matches `phc`; with `None`, verifies against the dummy hash (and
+    /// returns false) so unknown e-mails cost the same time.
+    pub(crate) async fn verify(
+        &self,
+        password: String,
+        phc: Option<String>,
+    ) -> Result<bool, AuthError> {
+        let known = phc.is_some();
+        let phc = phc.unwrap_or_else(|| self.dummy_hash.as_ref().clone());
+        let matches = self
+            .on_blocking_pool(move |argon2| {
+                PasswordHash::new(&phc)
+                    .map(|parsed| argon2.verify_password(password.as_bytes(), &parsed).is_ok())
+                    .unwrap_or(false)
+            })
+            .await?;
+        Ok(known && matches)
+    }
+}
+
+/// Decrements the queue count when dropped.
+struct QueueGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for QueueGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn scopeguard(counter: Arc<std::sync::atomic::AtomicUsize>) -> QueueGuard {
+    QueueGuard(counter)
+}
+
+/// `N` bytes from the operating system's random source.
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], AuthError> {
+    let mut bytes = [0u8; N];
+    getrandom::getrandom(&mut bytes)
+        .map_err(|e| AuthError::Internal(format!("random source: {e}")))?;
+    Ok(bytes)
+}
+
+/// A new refresh token (256 random bits, base64url) and the digest that is stored.
+pub(crate) fn new_refresh_token() -> Result<(String, Vec<u8>), AuthError> {
+    let token = B64.encode(random_bytes::<32>()?);
+    let hash = refresh_hash(&token);
+    Ok((token, hash))
+}
+
+/// The stored digest of a refresh token.
+pub(crate) fn refresh_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// Counts failed logins per key (an e-mail, or a peer address) in a sliding window.
+#[derive(Debug)]
+pub(crate) struct Throttle {
+    limit: u32,
+    window: Duration,
+    entries: Mutex<HashMap<String, (Instant, u32)>>,
+}
+
+/// Entries kept before expired ones are swept, so hostile keys cannot grow memory without end.
+const THROTTLE_SWEEP_AT: usize = 100_000;
+
+impl Throttle {
+    pub(crate) fn new(limit: u32, window: Duration) -> Self {
+        Self {
+            limit,
+            window,
+            entries: Mutex::default(),
+        }
+    }
+
+    /// `Err(retry_after)` if `key` has reached the limit within the window.
+    pub(crate) fn check(&self, key: &str, now: Instant) -> Result<(), Duration> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        match entries.get(key) {
+            Some((start, count)) if *count >= self.limit && now < *start + self.window => {
+                Err(*start + self.window - now)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Records a failure for `key`.
+    pub(crate) fn fail(&self, key: &str, now: Instant) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= THROTTLE_SWEEP_AT {
+            let window = self.window;
+            entries.retain(|_, (start, _)| now < *start + window);
+        }
+        let entry = entries.entry(key.to_owned()).or_insert((now, 0));
+        if now >= entry.0 + self.window {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+    }
+
+    /// Forgets `key`'s failures (after a successful login).
+    pub(crate) fn clear(&self, key: &str) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Addresses are trimmed and lower-cased; malformed ones are refused naming `email`.
+    #[test]
+    fn email_parsing() {
+        assert_eq!(
+            Email::parse("  Ada@Example.COM ").unwrap().as_str(),
+            "ada@example.com"
+        );
+        for bad in [
+            "",
+            "   ",
+            "ada",
+            "ada@",
+            "@example.com",
+            "a@b",
+            "a b@example.com",
+            "a@@b.com",
+            "a@.com",
+            "a@b.",
+        ] {
+            let err = Email::parse(bad).unwrap_err();
+            assert!(
+                matches!(&err, AuthError::InvalidArgument(m) if m.contains("email")),
+                "{bad}: {err:?}"
+            );
+        }
+        let long = format!("{}@example.com", "a".repeat(250));
+        assert!(Email::parse(&long).is_err());
+    }
+
+    /// Passwords are 8 to 1024 bytes, counted untrimmed.
+    #[test]
+    fn password_bounds() {
+        assert!(check_password("1234567").is_err());
+        assert!(check_password("12345678").is_ok());
+        assert!(check_password("       x").is_ok());
+        assert!(check_password(&"x".repeat(1024)).is_ok());
+        assert!(check_password(&"x".repeat(1025)).is_err());
+    }
+
+    /// Five failures within the window block; the window passing or a clear unblocks.
+    #[test]
+    fn throttle_window() {
+        let t = Throttle::new(5, Duration::from_secs(900));
+        let start = Instant::now();
+        for _ in 0..4 {
+            t.fail("k", start);
+        }
+        assert!(t.check("k", start).is_ok());
+        t.fail("k", start);
+        let retry = t.check("k", start + Duration::from_secs(60)).unwrap_err();
+        assert_eq!(retry, Duration::from_secs(840));
+        assert!(t.check("k", start + Duration::from_secs(900)).is_ok());
+        assert!(t.check("other", start).is_ok());
+        t.clear("k");
+        assert!(t.check("k", start).is_ok());
+    }
+
+    /// Refresh tokens carry 256 random bits and only their digest is kept.
+    #[test]
+    fn refresh_tokens() {
+        let (a, ha) = new_refresh_token().unwrap();
+        let (b, _) = new_refresh_token().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(B64.decode(&a).unwrap().len(), 32);
+        assert_eq!(ha, refresh_hash(&a));
+        assert_eq!(ha.len(), 32);
+    }
+
+    /// Hashes are Argon2id at OWASP's parameters and verify only the right password; an unknown
+    /// account never verifies.
+    #[tokio::test]
+    async fn hashing() {
+        let hasher = PasswordHasher::new(1).await.unwrap();
+        let phc = hasher.hash("correct horse".into()).await.unwrap();
+        assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
+        assert!(
+            hasher
+                .verify("correct horse".into(), Some(phc.clone()))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !hasher
+                .verify("wrong horse".into(), Some(phc))
+                .await
+                .unwrap()
+        );
+        assert!(!hasher.verify("anything".into(), None).await.unwrap());
+        assert_eq!(hasher.queued(), 0);
+    }
+}
