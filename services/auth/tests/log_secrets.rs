@@ -120,7 +120,10 @@ async fn logs_hold_no_secrets() {
         "$argon2id$",
     ];
     for secret in secrets {
-        assert!(!logs.contains(secret), "a secret reached the logs: {secret}");
+        assert!(
+            !logs.contains(secret),
+            "a secret reached the logs: {secret}"
+        );
     }
     // Token signatures and payloads never appear in part either.
     for token in [&login.access_token, &service] {

@@ -30,9 +30,18 @@ impl TestServer {
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: std::error::Error + Send + Sync + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
+        Self::start_on(([127, 0, 0, 1], 0).into(), serve).await
+    }
+
+    /// Binds `addr` (e.g. the address of a server that was just stopped, to restart it) and
+    /// runs `serve(listener, shutdown)` on it.
+    pub async fn start_on<F, Fut, E>(addr: SocketAddr, serve: F) -> Self
+    where
+        F: FnOnce(TcpListener, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("local address");
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = Box::pin(async move {

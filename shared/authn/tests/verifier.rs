@@ -1,0 +1,363 @@
+//! The bearer-token layer in front of a real gRPC service, verifying against a real auth
+//! server's JWKS: good tokens pass with their claims, hostile ones are UNAUTHENTICATED.
+
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+use ed25519_dalek::Signer as _;
+use mesh_authn::{AuthLayer, BearerToken, Claims, JwksCache};
+use mesh_proto::{
+    auth::v1::{IssueServiceTokenRequest, RegisterRequest, auth_service_client::AuthServiceClient},
+    users::v1::{
+        BatchGetUsersRequest, BatchGetUsersResponse, CreateUserRequest, DeleteUserRequest,
+        DeleteUserResponse, GetUserRequest, ListUsersRequest, ListUsersResponse, UpdateUserRequest,
+        User, UserEvent, WatchUsersRequest,
+        user_service_client::UserServiceClient,
+        user_service_server::{UserService, UserServiceServer},
+    },
+};
+use mesh_runtime::{
+    Lifecycle, ServerConfig, ServiceSpec,
+    testing::{TestServer, connect},
+};
+use mesh_token::KeyRing;
+use tonic::{Code, Request, Response, Status};
+use tower::Layer as _;
+
+/// Answers GetUser with the caller's claims; ListUsers is public.
+#[derive(Clone)]
+struct Echo;
+
+#[tonic::async_trait]
+impl UserService for Echo {
+    async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<User>, Status> {
+        let claims = request.extensions().get::<Claims>().cloned();
+        let token = request.extensions().get::<BearerToken>().cloned();
+        let claims = claims.ok_or_else(|| Status::internal("no claims"))?;
+        assert!(
+            token.is_some(),
+            "the raw token is kept for downstream calls"
+        );
+        Ok(Response::new(User {
+            id: claims.sub,
+            email: claims.email.unwrap_or_default(),
+            ..User::default()
+        }))
+    }
+    async fn list_users(
+        &self,
+        request: Request<ListUsersRequest>,
+    ) -> Result<Response<ListUsersResponse>, Status> {
+        assert!(request.extensions().get::<Claims>().is_none());
+        Ok(Response::new(ListUsersResponse::default()))
+    }
+    async fn create_user(&self, _: Request<CreateUserRequest>) -> Result<Response<User>, Status> {
+        Err(Status::unimplemented("test"))
+    }
+    async fn batch_get_users(
+        &self,
+        _: Request<BatchGetUsersRequest>,
+    ) -> Result<Response<BatchGetUsersResponse>, Status> {
+        Err(Status::unimplemented("test"))
+    }
+    async fn update_user(&self, _: Request<UpdateUserRequest>) -> Result<Response<User>, Status> {
+        Err(Status::unimplemented("test"))
+    }
+    async fn delete_user(
+        &self,
+        _: Request<DeleteUserRequest>,
+    ) -> Result<Response<DeleteUserResponse>, Status> {
+        Err(Status::unimplemented("test"))
+    }
+    type WatchUsersStream = tokio_stream::Empty<Result<UserEvent, Status>>;
+    async fn watch_users(
+        &self,
+        _: Request<WatchUsersRequest>,
+    ) -> Result<Response<Self::WatchUsersStream>, Status> {
+        Err(Status::unimplemented("test"))
+    }
+}
+
+async fn start_auth_on(addr: SocketAddr, data: &Path, keys: Vec<std::path::PathBuf>) -> TestServer {
+    let mut config = mesh_auth::Config::new(addr, data.to_owned());
+    config.signing_keys = keys;
+    config.service_clients = vec!["svc=plain:svc-secret".parse().expect("client")];
+    TestServer::start_on(addr, move |listener, shutdown| async move {
+        mesh_auth::serve(&config, listener, shutdown).await
+    })
+    .await
+}
+
+async fn start_protected(cache: Arc<JwksCache>) -> TestServer {
+    TestServer::start(move |listener, shutdown| async move {
+        let lifecycle = Lifecycle::new("mesh.users.v1.UserService");
+        lifecycle.health().set_ready(true);
+        let service = AuthLayer::new(cache, &["ListUsers"]).layer(UserServiceServer::new(Echo));
+        let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::USERS);
+        mesh_runtime::serve(
+            listener,
+            spec,
+            &lifecycle,
+            &ServerConfig::default(),
+            shutdown,
+        )
+        .await
+    })
+    .await
+}
+
+fn with_token(token: &str) -> Request<GetUserRequest> {
+    let mut request = Request::new(GetUserRequest::default());
+    if let Ok(value) = format!("Bearer {token}").parse() {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+fn claims(sub: &str) -> Claims {
+    Claims {
+        iss: "mesh-auth".into(),
+        aud: vec!["mesh".into()],
+        sub: sub.into(),
+        email: None,
+        sid: None,
+        iat: now(),
+        nbf: now(),
+        exp: now() + 600,
+        jti: "jti".into(),
+    }
+}
+
+fn forge(header: &str, payload: &str, key: Option<&ed25519_dalek::SigningKey>) -> String {
+    let input = format!("{}.{}", B64.encode(header), B64.encode(payload));
+    let signature = key
+        .map(|k| B64.encode(k.sign(input.as_bytes()).to_bytes()))
+        .unwrap_or_default();
+    format!("{input}.{signature}")
+}
+
+/// Real tokens pass with their claims; a public method needs none; every hostile token is
+/// UNAUTHENTICATED and none crashes anything.
+#[tokio::test]
+async fn verifies_real_tokens_and_refuses_hostile_ones() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let auth = start_auth_on(([127, 0, 0, 1], 0).into(), data.path(), vec![]).await;
+    let cache = Arc::new(JwksCache::new(auth.channel.clone(), "mesh-auth", "mesh"));
+    let server = start_protected(cache.clone()).await;
+    let mut users = UserServiceClient::new(server.channel.clone());
+    let mut auth_client = AuthServiceClient::new(auth.channel.clone());
+
+    let registered = auth_client
+        .register(RegisterRequest {
+            email: "vera@example.com".into(),
+            password: "long enough password".into(),
+        })
+        .await
+        .expect("register")
+        .into_inner();
+    let user_token = registered.tokens.expect("tokens").access_token;
+    let me = users
+        .get_user(with_token(&user_token))
+        .await
+        .expect("user token")
+        .into_inner();
+    assert_eq!(
+        (me.id.as_str(), me.email.as_str()),
+        (registered.user_id.as_str(), "vera@example.com")
+    );
+
+    let service_token = auth_client
+        .issue_service_token(IssueServiceTokenRequest {
+            client_id: "svc".into(),
+            client_secret: "svc-secret".into(),
+        })
+        .await
+        .expect("service token")
+        .into_inner()
+        .access_token;
+    let svc = users
+        .get_user(with_token(&service_token))
+        .await
+        .expect("service token")
+        .into_inner();
+    assert_eq!(svc.id, "service:svc");
+    users
+        .list_users(ListUsersRequest::default())
+        .await
+        .expect("a public method needs no token");
+
+    // Hostile tokens, signed with auth's own key where a signature is needed.
+    let ring = KeyRing::load_pem_files(&[data.path().join("auth/dev-signing-key.pem")])
+        .expect("auth's development key");
+    let kid = ring.signing_kid().to_owned();
+    let sign = |c: &Claims| ring.sign(c);
+    let mut expired = claims("u");
+    expired.exp = now() - 120;
+    expired.iat = now() - 1000;
+    expired.nbf = now() - 1000;
+    let mut future = claims("u");
+    future.nbf = now() + 600;
+    let mut wrong_aud = claims("u");
+    wrong_aud.aud = vec!["elsewhere".into()];
+    let mut wrong_iss = claims("u");
+    wrong_iss.iss = "evil".into();
+    let payload = serde_json::to_string(&claims("u")).expect("json");
+    let other_key = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+    let public_x = &ring.jwks().keys[0].x;
+    let hostile = vec![
+        (
+            "alg none",
+            forge(
+                &format!(r#"{{"alg":"none","kid":"{kid}"}}"#),
+                &payload,
+                None,
+            ),
+        ),
+        (
+            "HS256 keyed with the public key",
+            format!(
+                "{}.{}.{}",
+                B64.encode(format!(r#"{{"alg":"HS256","kid":"{kid}"}}"#)),
+                B64.encode(&payload),
+                public_x
+            ),
+        ),
+        (
+            "another key under a known kid",
+            forge(
+                &format!(r#"{{"alg":"EdDSA","kid":"{kid}"}}"#),
+                &payload,
+                Some(&other_key),
+            ),
+        ),
+        (
+            "unknown kid",
+            forge(
+                r#"{"alg":"EdDSA","kid":"no-such-key"}"#,
+                &payload,
+                Some(&other_key),
+            ),
+        ),
+        ("expired", sign(&expired)),
+        ("not yet valid", sign(&future)),
+        ("wrong audience", sign(&wrong_aud)),
+        ("wrong issuer", sign(&wrong_iss)),
+        ("garbage", "not.a.token".into()),
+        ("empty parts", "..".into()),
+        ("too long", "a".repeat(9_000)),
+        ("tampered", {
+            let mut parts: Vec<String> = user_token.split('.').map(str::to_owned).collect();
+            parts[1] = B64.encode(serde_json::to_string(&claims("someone-else")).expect("json"));
+            parts.join(".")
+        }),
+    ];
+    for (name, token) in &hostile {
+        let status = users.get_user(with_token(token)).await.expect_err(name);
+        assert_eq!(status.code(), Code::Unauthenticated, "{name}: {status:?}");
+    }
+    for (name, request) in [
+        ("no header", Request::new(GetUserRequest::default())),
+        ("basic scheme", {
+            let mut r = Request::new(GetUserRequest::default());
+            r.metadata_mut().insert(
+                "authorization",
+                "Basic dXNlcjpwYXNz".parse().expect("ascii"),
+            );
+            r
+        }),
+        ("empty bearer", {
+            let mut r = Request::new(GetUserRequest::default());
+            r.metadata_mut()
+                .insert("authorization", "Bearer ".parse().expect("ascii"));
+            r
+        }),
+    ] {
+        let status = users.get_user(request).await.expect_err(name);
+        assert_eq!(status.code(), Code::Unauthenticated, "{name}");
+    }
+    // Still serving after all that.
+    users
+        .get_user(with_token(&user_token))
+        .await
+        .expect("still serving");
+
+    // A flood of unknown key ids fetches the keys at most once more, not once per token.
+    let before = cache.fetches();
+    for i in 0..50 {
+        let token = forge(
+            &format!(r#"{{"alg":"EdDSA","kid":"made-up-{i}"}}"#),
+            &payload,
+            Some(&other_key),
+        );
+        let status = users
+            .get_user(with_token(&token))
+            .await
+            .expect_err("unknown kid");
+        assert_eq!(status.code(), Code::Unauthenticated);
+    }
+    assert!(
+        cache.fetches() - before <= 1,
+        "{} fetches",
+        cache.fetches() - before
+    );
+
+    server.shutdown().await.expect("clean shutdown");
+    auth.shutdown().await.expect("clean shutdown");
+}
+
+/// After auth rotates to a new key, a token with the new `kid` makes the cache fetch the keys
+/// again, and tokens of the old key stay valid.
+#[tokio::test]
+async fn refetches_keys_after_rotation() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let old = data.path().join("old.pem");
+    let new = data.path().join("new.pem");
+    KeyRing::load_or_create_dev_key(&old).expect("old key");
+    KeyRing::load_or_create_dev_key(&new).expect("new key");
+    let old_ring = KeyRing::load_pem_files(std::slice::from_ref(&old)).expect("old");
+    let new_ring = KeyRing::load_pem_files(std::slice::from_ref(&new)).expect("new");
+
+    let first = start_auth_on(([127, 0, 0, 1], 0).into(), data.path(), vec![old.clone()]).await;
+    let addr = first.addr;
+    let cache = Arc::new(
+        JwksCache::new(connect(addr).await, "mesh-auth", "mesh").with_min_refetch(Duration::ZERO),
+    );
+    let old_token = old_ring.sign(&claims("old-user"));
+    cache.verify(&old_token).await.expect("old key known");
+    first.shutdown().await.expect("stopped");
+
+    // The same address, now with both keys; the new one signs.
+    let second = start_auth_on(addr, data.path(), vec![old, new]).await;
+    let new_token = new_ring.sign(&claims("new-user"));
+    let claims = cache.verify(&new_token).await.expect("new key fetched");
+    assert_eq!(claims.sub, "new-user");
+    cache
+        .verify(&old_token)
+        .await
+        .expect("old tokens stay valid");
+    assert_eq!(cache.fetches(), 2);
+    second.shutdown().await.expect("stopped");
+}
+
+/// When auth cannot be reached, calls are UNAVAILABLE (retryable), not UNAUTHENTICATED.
+#[tokio::test]
+async fn unreachable_auth_is_unavailable() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = closed.local_addr().expect("addr");
+    drop(closed);
+    let cache = Arc::new(JwksCache::new(connect(addr).await, "mesh-auth", "mesh"));
+    let server = start_protected(cache).await;
+    let status = UserServiceClient::new(server.channel.clone())
+        .get_user(with_token("a.b.c"))
+        .await
+        .expect_err("no keys");
+    assert_eq!(status.code(), Code::Unavailable);
+    server.shutdown().await.expect("clean shutdown");
+}
