@@ -102,3 +102,40 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let listener = mesh_runtime::bind(config.listen).await?;
     serve(&config, listener, mesh_runtime::shutdown_signal()).await
 }
+
+/// Measures the raw Argon2id verification rate (verifications per second) of this machine at
+/// the service's parameters, with `threads` threads for `duration`: the ceiling the login
+/// throughput of `mesh bench login` is compared with. Blocks the calling thread.
+pub fn raw_verify_rate(threads: usize, duration: std::time::Duration) -> f64 {
+    use argon2::{
+        Algorithm, Argon2, PasswordHash, PasswordHasher as _, PasswordVerifier as _, Version,
+    };
+    let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, domain::argon2_params());
+    let phc = match argon2::password_hash::SaltString::encode_b64(b"benchmark-salt!!") {
+        Ok(salt) => argon2
+            .hash_password(b"benchmark password", &salt)
+            .map(|h| h.to_string())
+            .unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    let start = std::time::Instant::now();
+    let counts: Vec<u64> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                let (argon2, phc) = (argon2.clone(), phc.as_str());
+                scope.spawn(move || {
+                    let mut n = 0u64;
+                    while start.elapsed() < duration {
+                        if let Ok(parsed) = PasswordHash::new(phc) {
+                            let _ = argon2.verify_password(b"benchmark password", &parsed);
+                        }
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap_or(0)).collect()
+    });
+    counts.iter().sum::<u64>() as f64 / start.elapsed().as_secs_f64()
+}

@@ -2,10 +2,12 @@
 //!
 //! - `mesh up` runs all three services locally, each as its own child process;
 //! - `mesh auth`, `mesh users` and `mesh aggregator` run one service each (what a container
-//!   runs).
+//!   runs);
+//! - `mesh bench <scenario>` measures the mesh on this machine.
 //!
 //! Every flag has an environment-variable fallback; `--help` shows both.
 
+mod bench;
 mod up;
 
 use std::process::ExitCode;
@@ -33,6 +35,8 @@ enum Command {
     Users(mesh_users::Config),
     /// Run the aggregator (the public facade).
     Aggregator(mesh_aggregator::Config),
+    /// Measure the mesh on this machine (build with --release).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,5 +47,6 @@ fn main() -> ExitCode {
         Command::Auth(config) => block_on(mesh_auth::run(config)),
         Command::Users(config) => block_on(mesh_users::run(config)),
         Command::Aggregator(config) => block_on(mesh_aggregator::run(config)),
+        Command::Bench(args) => block_on(bench::run(args)),
     }
 }

@@ -39,8 +39,8 @@ pub(crate) struct UpArgs {
     #[arg(long, env = "MESH_USERS_LISTEN", default_value = mesh_users::DEFAULT_LISTEN)]
     users_listen: SocketAddr,
 
-    /// Folder for the services' local state (auth's development signing key; the services'
-    /// databases as they arrive).
+    /// Folder for the services' local state (auth's database and development signing key;
+    /// users' database as it arrives).
     #[arg(long, env = "MESH_DATA_DIR", default_value = ".mesh")]
     data_dir: std::path::PathBuf,
 
