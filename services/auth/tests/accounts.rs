@@ -396,6 +396,16 @@ async fn service_tokens() {
             .await
             .expect_err("service");
         assert_eq!(denied.code(), Code::PermissionDenied);
+        let anonymous = c
+            .list_sessions(ListSessionsRequest {})
+            .await
+            .expect_err("no token");
+        assert_eq!(anonymous.code(), Code::Unauthenticated);
+        let forged = c
+            .list_sessions(bearer("not.a.token", ListSessionsRequest {}))
+            .await
+            .expect_err("bad token");
+        assert_eq!(forged.code(), Code::Unauthenticated);
         let denied = c
             .delete_account(bearer(
                 &token,

@@ -135,6 +135,24 @@ fn claims(sub: &str) -> Claims {
     }
 }
 
+/// HMAC-SHA-256 (RFC 2104), to forge a real HS256 signature keyed with the public key.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
+    use sha2::{Digest as _, Sha256};
+    let mut block = [0u8; 64];
+    block[..key.len()].copy_from_slice(key);
+    let inner: Vec<u8> = block.iter().map(|b| b ^ 0x36).collect();
+    let outer: Vec<u8> = block.iter().map(|b| b ^ 0x5c).collect();
+    let inner_hash = Sha256::new()
+        .chain_update(&inner)
+        .chain_update(message)
+        .finalize();
+    Sha256::new()
+        .chain_update(&outer)
+        .chain_update(inner_hash)
+        .finalize()
+        .to_vec()
+}
+
 fn forge(header: &str, payload: &str, key: Option<&ed25519_dalek::SigningKey>) -> String {
     let input = format!("{}.{}", B64.encode(header), B64.encode(payload));
     let signature = key
@@ -220,15 +238,18 @@ async fn verifies_real_tokens_and_refuses_hostile_ones() {
                 None,
             ),
         ),
-        (
-            "HS256 keyed with the public key",
-            format!(
-                "{}.{}.{}",
+        ("HS256 keyed with the public key", {
+            let input = format!(
+                "{}.{}",
                 B64.encode(format!(r#"{{"alg":"HS256","kid":"{kid}"}}"#)),
-                B64.encode(&payload),
-                public_x
-            ),
-        ),
+                B64.encode(&payload)
+            );
+            let public = B64.decode(public_x).expect("x");
+            format!(
+                "{input}.{}",
+                B64.encode(hmac_sha256(&public, input.as_bytes()))
+            )
+        }),
         (
             "another key under a known kid",
             forge(
