@@ -75,6 +75,17 @@ pub struct Session {
     pub expire_time: i64,
 }
 
+/// Credentials as the queries return them.
+type CredentialsRow = (String, String, String);
+
+fn credentials((user_id, email, password_hash): CredentialsRow) -> Credentials {
+    Credentials {
+        user_id,
+        email,
+        password_hash,
+    }
+}
+
 /// A session as the queries return it.
 type SessionRow = (String, String, i64, i64, i64);
 
@@ -254,34 +265,26 @@ macro_rules! impl_store {
                 &self,
                 email: &str,
             ) -> Result<Option<Credentials>, StoreError> {
-                let row: Option<(String, String, String)> = sqlx::query_as(
+                let row: Option<CredentialsRow> = sqlx::query_as(
                     "SELECT user_id, email, password_hash FROM credentials WHERE email = $1",
                 )
                 .bind(email)
                 .fetch_optional(&self.pool)
                 .await?;
-                Ok(row.map(|(user_id, email, password_hash)| Credentials {
-                    user_id,
-                    email,
-                    password_hash,
-                }))
+                Ok(row.map(credentials))
             }
 
             async fn credentials_by_user(
                 &self,
                 user_id: &str,
             ) -> Result<Option<Credentials>, StoreError> {
-                let row: Option<(String, String, String)> = sqlx::query_as(
+                let row: Option<CredentialsRow> = sqlx::query_as(
                     "SELECT user_id, email, password_hash FROM credentials WHERE user_id = $1",
                 )
                 .bind(user_id)
                 .fetch_optional(&self.pool)
                 .await?;
-                Ok(row.map(|(user_id, email, password_hash)| Credentials {
-                    user_id,
-                    email,
-                    password_hash,
-                }))
+                Ok(row.map(credentials))
             }
 
             async fn create_session(&self, session: &NewSession) -> Result<(), StoreError> {

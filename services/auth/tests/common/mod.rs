@@ -40,10 +40,12 @@ pub enum Backend {
     Postgres(String),
 }
 
-/// Creates an empty database for one test on the server at `admin_url`.
+/// Creates an empty database for one test on the server at `admin_url`, named after the test
+/// process, and drops those that earlier test processes left behind.
 async fn fresh_database(admin_url: &str, test: &str) -> String {
+    let prefix = format!("mesh_auth_{}_", std::process::id());
     let name = format!(
-        "mesh_auth_{}_{}",
+        "{prefix}{}_{}",
         test.chars()
             .filter(char::is_ascii_alphanumeric)
             .take(20)
@@ -54,6 +56,20 @@ async fn fresh_database(admin_url: &str, test: &str) -> String {
     let mut admin = sqlx::PgConnection::connect(admin_url)
         .await
         .expect("connect to the test PostgreSQL server");
+    let stale: Vec<(String,)> = sqlx::query_as(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'mesh!_auth!_%' ESCAPE '!' \
+         AND datname NOT LIKE $1",
+    )
+    .bind(format!("{prefix}%"))
+    .fetch_all(&mut admin)
+    .await
+    .unwrap_or_default();
+    for (stale,) in stale {
+        // A database still in use by another test process stays until a later run.
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {stale}"))
+            .execute(&mut admin)
+            .await;
+    }
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&mut admin)
         .await
