@@ -3,22 +3,16 @@
 //! and a PostgreSQL one (selected by a `postgres://` URL). Each database has its own migration
 //! set, embedded in the binary and applied at start-up.
 //!
-//! The two implementations run the same SQL (both accept `$n` parameters and `RETURNING`), so
+//! Opening and migrating come from [`mesh_store`]. The two implementations run the same SQL (both accept `$n` parameters and `RETURNING`), so
 //! one macro writes both; only the schemas differ (BLOB/BYTEA, INTEGER/BIGINT).
 //!
 //! Times are Unix milliseconds. Nothing secret is stored in plain text: passwords as Argon2id
 //! PHC strings, refresh tokens as SHA-256 digests.
 
-use std::{borrow::Cow, path::Path, str::FromStr as _, sync::Arc};
+use std::{path::Path, sync::Arc};
 
-use futures_util::future::BoxFuture;
-use sqlx::{
-    migrate::{Migration, MigrationSource, MigrationType, Migrator},
-    postgres::{PgConnectOptions, PgPool, PgPoolOptions},
-    sqlite::{
-        SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-    },
-};
+use mesh_store::{Migrations, Pool};
+use sqlx::{postgres::PgPool, sqlite::SqlitePool};
 
 /// A storage failure: the database is unreachable or misbehaved. Never shown to callers.
 #[derive(Debug, thiserror::Error)]
@@ -29,9 +23,9 @@ pub enum StoreError {
     /// The database failed.
     #[error("database error")]
     Database(#[from] sqlx::Error),
-    /// A migration failed.
-    #[error("cannot migrate the database")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database could not be opened or migrated.
+    #[error(transparent)]
+    Open(#[from] mesh_store::OpenError),
 }
 
 /// Stored credentials.
@@ -142,36 +136,12 @@ pub trait AuthStore: Send + Sync + std::fmt::Debug + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 }
 
-/// Migrations embedded in the binary.
-#[derive(Debug, Clone, Copy)]
-struct Embedded(&'static [(i64, &'static str, &'static str)]);
-
-impl MigrationSource<'static> for Embedded {
-    fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
-        Box::pin(async move {
-            Ok(self
-                .0
-                .iter()
-                .map(|(version, description, sql)| {
-                    Migration::new(
-                        *version,
-                        Cow::Borrowed(*description),
-                        MigrationType::Simple,
-                        Cow::Borrowed(*sql),
-                        false,
-                    )
-                })
-                .collect())
-        })
-    }
-}
-
-const SQLITE_MIGRATIONS: Embedded = Embedded(&[(
+const SQLITE_MIGRATIONS: Migrations = Migrations(&[(
     1,
     "init",
     include_str!("../migrations/sqlite/0001_init.sql"),
 )]);
-const POSTGRES_MIGRATIONS: Embedded = Embedded(&[(
+const POSTGRES_MIGRATIONS: Migrations = Migrations(&[(
     1,
     "init",
     include_str!("../migrations/postgres/0001_init.sql"),
@@ -180,39 +150,13 @@ const POSTGRES_MIGRATIONS: Embedded = Embedded(&[(
 /// Opens the store named by `url` (`postgres://…` or `sqlite://…`), or the embedded SQLite
 /// file at `<data_dir>/auth/auth.db` when `url` is `None`, and applies its migrations.
 pub async fn open(url: Option<&str>, data_dir: &Path) -> Result<Arc<dyn AuthStore>, StoreError> {
-    match url {
-        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            let options = PgConnectOptions::from_str(url)?;
-            let pool = PgPoolOptions::new()
-                .max_connections(16)
-                .acquire_timeout(std::time::Duration::from_secs(5))
-                .connect_with(options)
-                .await?;
-            Migrator::new(POSTGRES_MIGRATIONS).await?.run(&pool).await?;
-            Ok(Arc::new(PgStore { pool }))
-        }
-        Some(url) => open_sqlite(SqliteConnectOptions::from_str(url)?).await,
-        None => {
-            let dir = data_dir.join("auth");
-            std::fs::create_dir_all(&dir).map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
-            open_sqlite(SqliteConnectOptions::new().filename(dir.join("auth.db"))).await
-        }
-    }
-}
-
-async fn open_sqlite(options: SqliteConnectOptions) -> Result<Arc<dyn AuthStore>, StoreError> {
-    let options = options
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full)
-        .foreign_keys(true)
-        .busy_timeout(std::time::Duration::from_secs(5));
-    let pool = SqlitePoolOptions::new()
-        .max_connections(4)
-        .connect_with(options)
-        .await?;
-    Migrator::new(SQLITE_MIGRATIONS).await?.run(&pool).await?;
-    Ok(Arc::new(SqliteStore { pool }))
+    let file = data_dir.join("auth").join("auth.db");
+    Ok(
+        match mesh_store::open(url, &file, SQLITE_MIGRATIONS, POSTGRES_MIGRATIONS).await? {
+            Pool::Sqlite(pool) => Arc::new(SqliteStore { pool }),
+            Pool::Postgres(pool) => Arc::new(PgStore { pool }),
+        },
+    )
 }
 
 /// The embedded SQLite store.

@@ -6,27 +6,14 @@ use std::path::Path;
 
 use mesh_proto::auth::v1::{RegisterRequest, TokenPair, auth_service_client::AuthServiceClient};
 use mesh_runtime::testing::TestServer;
-use sqlx::Connection as _;
 use tonic::{Request, transport::Channel};
-
-/// The environment variable naming a PostgreSQL server the tests may create databases on.
-pub const PG_ENV: &str = "MESH_TEST_DATABASE_URL";
 
 /// The database backends to run a test on: SQLite always, PostgreSQL when available (required
 /// in CI).
 pub async fn backends(test: &str) -> Vec<Backend> {
     let mut list = vec![Backend::Sqlite];
-    match std::env::var(PG_ENV) {
-        Ok(url) if !url.is_empty() => {
-            list.push(Backend::Postgres(fresh_database(&url, test).await))
-        }
-        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("{PG_ENV} must name a PostgreSQL server in CI (scripts/test sets it)")
-        }
-        _ => eprintln!(
-            "\n*** {test}: PostgreSQL SKIPPED ({PG_ENV} is not set; scripts/test sets it). \
-             CI never skips it. ***\n"
-        ),
+    if let Some(url) = mesh_store::testing::postgres_for("auth", test).await {
+        list.push(Backend::Postgres(url));
     }
     list
 }
@@ -38,46 +25,6 @@ pub enum Backend {
     Sqlite,
     /// A fresh PostgreSQL database at this URL.
     Postgres(String),
-}
-
-/// Creates an empty database for one test on the server at `admin_url`, named after the test
-/// process, and drops those that earlier test processes left behind.
-async fn fresh_database(admin_url: &str, test: &str) -> String {
-    let prefix = format!("mesh_auth_{}_", std::process::id());
-    let name = format!(
-        "{prefix}{}_{}",
-        test.chars()
-            .filter(char::is_ascii_alphanumeric)
-            .take(20)
-            .collect::<String>(),
-        uuid::Uuid::now_v7().simple()
-    )
-    .to_lowercase();
-    let mut admin = sqlx::PgConnection::connect(admin_url)
-        .await
-        .expect("connect to the test PostgreSQL server");
-    let stale: Vec<(String,)> = sqlx::query_as(
-        "SELECT datname FROM pg_database WHERE datname LIKE 'mesh!_auth!_%' ESCAPE '!' \
-         AND datname NOT LIKE $1",
-    )
-    .bind(format!("{prefix}%"))
-    .fetch_all(&mut admin)
-    .await
-    .unwrap_or_default();
-    for (stale,) in stale {
-        // A database still in use by another test process stays until a later run.
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {stale}"))
-            .execute(&mut admin)
-            .await;
-    }
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await
-        .expect("create a test database");
-    let (base, _) = admin_url
-        .rsplit_once('/')
-        .expect("URL with a database path");
-    format!("{base}/{name}")
 }
 
 /// A configuration for `backend` with state under `data`.
