@@ -9,6 +9,7 @@
 
 mod config;
 mod server;
+pub mod store;
 
 use std::future::Future;
 
