@@ -8,6 +8,7 @@
 //! shutdown come from [`mesh_runtime`].
 
 mod config;
+pub mod domain;
 mod server;
 pub mod store;
 

@@ -1,0 +1,192 @@
+//! The users domain's input rules: ids, display names, bios and page tokens. Plain Rust, no gRPC
+//! types; every refusal names the field.
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+use hmac::{Hmac, Mac as _};
+use sha2::Sha256;
+
+/// The longest display name, in characters (Unicode code points) after trimming.
+pub const MAX_DISPLAY_NAME_CHARS: usize = 64;
+/// The longest bio, in characters after trimming.
+pub const MAX_BIO_CHARS: usize = 512;
+
+/// Why an input was refused; the message names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+/// A user id: a UUID, accepted in either case, rendered lower-case with hyphens.
+pub fn parse_user_id(field: &str, raw: &str) -> Result<String, Invalid> {
+    uuid::Uuid::try_parse(raw.trim())
+        .ok()
+        .filter(|_| raw.trim().len() == 36)
+        .map(|id| id.hyphenated().to_string())
+        .ok_or_else(|| Invalid(format!("{field} `{}` is not a UUID", shorten(raw))))
+}
+
+/// A display name: 1 to 64 characters after trimming; stored trimmed.
+pub fn parse_display_name(raw: &str) -> Result<String, Invalid> {
+    let name = raw.trim();
+    let chars = name.chars().count();
+    if chars == 0 {
+        return Err(Invalid("display_name must not be empty".into()));
+    }
+    if chars > MAX_DISPLAY_NAME_CHARS {
+        return Err(Invalid(format!(
+            "display_name must be at most {MAX_DISPLAY_NAME_CHARS} characters (got {chars})"
+        )));
+    }
+    Ok(name.to_owned())
+}
+
+/// A bio: at most 512 characters after trimming; stored trimmed.
+pub fn parse_bio(raw: &str) -> Result<String, Invalid> {
+    let bio = raw.trim();
+    let chars = bio.chars().count();
+    if chars > MAX_BIO_CHARS {
+        return Err(Invalid(format!(
+            "bio must be at most {MAX_BIO_CHARS} characters (got {chars})"
+        )));
+    }
+    Ok(bio.to_owned())
+}
+
+/// At most 40 characters of a refused input, for error messages.
+fn shorten(raw: &str) -> String {
+    let mut s: String = raw.chars().take(40).collect();
+    if raw.chars().count() > 40 {
+        s.push('…');
+    }
+    s
+}
+
+/// Opaque, tamper-evident `ListUsers` page tokens: the last id of a page, MAC'd with a key
+/// only the users service knows, so a client can neither forge nor alter one.
+#[derive(Clone)]
+pub struct PageTokens {
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for PageTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PageTokens(..)")
+    }
+}
+
+const PAGE_TOKEN_VERSION: &str = "v1";
+
+impl PageTokens {
+    /// Tokens MAC'd with `key` (at least 32 bytes of secret).
+    pub fn new(key: Vec<u8>) -> Self {
+        Self { key }
+    }
+
+    fn mac(&self, payload: &str) -> Vec<u8> {
+        // HMAC accepts keys of any length.
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(payload.as_bytes());
+        mac.finalize().into_bytes().to_vec()
+    }
+
+    /// The token that resumes after `last_id`.
+    pub fn issue(&self, last_id: &str) -> String {
+        let payload = format!("{PAGE_TOKEN_VERSION}.{last_id}");
+        format!(
+            "{}.{}",
+            B64.encode(&payload),
+            B64.encode(self.mac(&payload))
+        )
+    }
+
+    /// The id a token resumes after; a forged, altered or malformed token is refused.
+    pub fn resume_after(&self, token: &str) -> Result<String, Invalid> {
+        let invalid = || Invalid("page_token is not a token this service issued".into());
+        let (payload, mac) = token.split_once('.').ok_or_else(invalid)?;
+        let payload = String::from_utf8(B64.decode(payload).map_err(|_| invalid())?)
+            .map_err(|_| invalid())?;
+        let mac = B64.decode(mac).map_err(|_| invalid())?;
+        let mut check =
+            Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        check.update(payload.as_bytes());
+        check.verify_slice(&mac).map_err(|_| invalid())?;
+        let last_id = payload
+            .strip_prefix(PAGE_TOKEN_VERSION)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .ok_or_else(invalid)?;
+        Ok(last_id.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// UUIDs in either case come back lower-case; anything else is refused naming the field.
+    #[test]
+    fn user_ids() {
+        let upper = "0190F5C6-1234-7ABC-8DEF-000000000001";
+        assert_eq!(
+            parse_user_id("id", upper).unwrap(),
+            "0190f5c6-1234-7abc-8def-000000000001"
+        );
+        for bad in [
+            "",
+            "nope",
+            "0190f5c612347abc8def000000000001",
+            "{0190f5c6-1234-7abc-8def-000000000001}",
+        ] {
+            let err = parse_user_id("ids[3]", bad).unwrap_err();
+            assert!(err.0.starts_with("ids[3]"), "{bad}: {err}");
+        }
+    }
+
+    /// Names are trimmed and counted in code points: 64 accented letters pass, 65 do not.
+    #[test]
+    fn display_names() {
+        assert_eq!(parse_display_name("  Ada  ").unwrap(), "Ada");
+        assert!(parse_display_name(&"é".repeat(64)).is_ok());
+        assert!(
+            parse_display_name(&"é".repeat(65))
+                .unwrap_err()
+                .0
+                .contains("display_name")
+        );
+        assert!(
+            parse_display_name("   ")
+                .unwrap_err()
+                .0
+                .contains("display_name")
+        );
+    }
+
+    /// Bios may be empty and hold up to 512 characters after trimming.
+    #[test]
+    fn bios() {
+        assert_eq!(parse_bio("  ").unwrap(), "");
+        assert!(parse_bio(&format!(" {} ", "x".repeat(512))).is_ok());
+        assert!(parse_bio(&"x".repeat(513)).unwrap_err().0.contains("bio"));
+    }
+
+    /// Tokens round-trip; altered, forged or other-key tokens are refused.
+    #[test]
+    fn page_tokens() {
+        let tokens = PageTokens::new(vec![7; 32]);
+        let token = tokens.issue("0190f5c6-1234-7abc-8def-000000000001");
+        assert_eq!(
+            tokens.resume_after(&token).unwrap(),
+            "0190f5c6-1234-7abc-8def-000000000001"
+        );
+        let other = PageTokens::new(vec![8; 32]);
+        assert!(other.resume_after(&token).is_err());
+        let (payload, mac) = token.split_once('.').unwrap();
+        let altered = format!(
+            "{}.{mac}",
+            B64.encode("v1.0190f5c6-1234-7abc-8def-000000000002")
+        );
+        assert!(tokens.resume_after(&altered).is_err());
+        assert!(tokens.resume_after(payload).is_err());
+        for junk in ["", ".", "a.b", "!!.??", &format!("{payload}.")] {
+            assert!(tokens.resume_after(junk).is_err(), "{junk}");
+        }
+    }
+}
