@@ -82,7 +82,7 @@ pub async fn serve(
         config.issuer.clone(),
         config.audience.clone(),
         config.access_token_ttl,
-    );
+    )?;
     let clients = clients::ServiceClients::new(config.service_clients.clone());
     let store = store::open(config.database_url.as_deref(), &config.data_dir).await?;
     let parallelism = std::thread::available_parallelism().map_or(1, usize::from);

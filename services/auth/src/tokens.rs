@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use mesh_token::{Claims, Jwks, KeyRing, SERVICE_SUBJECT_PREFIX, TokenError, Verifier};
+use mesh_token::{Claims, Jwks, KeyError, KeyRing, SERVICE_SUBJECT_PREFIX, TokenError, Verifier};
 
 /// An issued access token and when it expires (Unix seconds).
 #[derive(Debug, Clone)]
@@ -29,17 +29,20 @@ pub(crate) fn unix_now() -> i64 {
 }
 
 impl TokenIssuer {
-    pub(crate) fn new(keys: KeyRing, issuer: String, audience: String, ttl: Duration) -> Self {
-        // The ring's own JWKS always holds valid Ed25519 keys.
-        let verifier = Verifier::new(&keys.jwks(), issuer.clone(), audience.clone(), 30)
-            .unwrap_or_else(|_| unreachable!("a key ring publishes valid keys"));
-        Self {
+    pub(crate) fn new(
+        keys: KeyRing,
+        issuer: String,
+        audience: String,
+        ttl: Duration,
+    ) -> Result<Self, KeyError> {
+        let verifier = Verifier::new(&keys.jwks(), issuer.clone(), audience.clone(), 30)?;
+        Ok(Self {
             keys,
             verifier,
             issuer,
             audience,
             ttl,
-        }
+        })
     }
 
     /// A token for user `user_id` in session `session_id`.

@@ -64,7 +64,8 @@ fn shorten(raw: &str) -> String {
 /// only the users service knows, so a client can neither forge nor alter one.
 #[derive(Clone)]
 pub struct PageTokens {
-    key: Vec<u8>,
+    /// The keyed MAC, ready to be cloned for each token.
+    mac: Hmac<Sha256>,
 }
 
 impl std::fmt::Debug for PageTokens {
@@ -76,14 +77,18 @@ impl std::fmt::Debug for PageTokens {
 const PAGE_TOKEN_VERSION: &str = "v1";
 
 impl PageTokens {
-    /// Tokens MAC'd with `key` (at least 32 bytes of secret).
-    pub fn new(key: Vec<u8>) -> Self {
-        Self { key }
+    /// Tokens MAC'd with `key` (at least 32 bytes of secret); an empty key is refused.
+    pub fn new(key: &[u8]) -> Result<Self, Invalid> {
+        if key.is_empty() {
+            return Err(Invalid("page token key must not be empty".into()));
+        }
+        let mac = Hmac::<Sha256>::new_from_slice(key)
+            .map_err(|_| Invalid("page token key is not usable".into()))?;
+        Ok(Self { mac })
     }
 
     fn mac(&self, payload: &str) -> Vec<u8> {
-        // HMAC accepts keys of any length.
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        let mut mac = self.mac.clone();
         mac.update(payload.as_bytes());
         mac.finalize().into_bytes().to_vec()
     }
@@ -105,8 +110,7 @@ impl PageTokens {
         let payload = String::from_utf8(B64.decode(payload).map_err(|_| invalid())?)
             .map_err(|_| invalid())?;
         let mac = B64.decode(mac).map_err(|_| invalid())?;
-        let mut check =
-            Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        let mut check = self.mac.clone();
         check.update(payload.as_bytes());
         check.verify_slice(&mac).map_err(|_| invalid())?;
         let last_id = payload
@@ -170,13 +174,14 @@ mod tests {
     /// Tokens round-trip; altered, forged or other-key tokens are refused.
     #[test]
     fn page_tokens() {
-        let tokens = PageTokens::new(vec![7; 32]);
+        let tokens = PageTokens::new(&[7; 32]).unwrap();
         let token = tokens.issue("0190f5c6-1234-7abc-8def-000000000001");
         assert_eq!(
             tokens.resume_after(&token).unwrap(),
             "0190f5c6-1234-7abc-8def-000000000001"
         );
-        let other = PageTokens::new(vec![8; 32]);
+        let other = PageTokens::new(&[8; 32]).unwrap();
+        assert!(PageTokens::new(&[]).is_err());
         assert!(other.resume_after(&token).is_err());
         let (payload, mac) = token.split_once('.').unwrap();
         let altered = format!(

@@ -1,7 +1,6 @@
 //! Signing, publishing and verifying, and every hostile token the verifier must refuse.
 
 use super::*;
-use sha2::{Digest as _, Sha256};
 
 const NOW: i64 = 1_800_000_000;
 const ISS: &str = "mesh-auth";
@@ -81,19 +80,10 @@ fn alg_none_is_refused() {
 }
 
 fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
-    let mut block = [0u8; 64];
-    block[..key.len()].copy_from_slice(key);
-    let inner: Vec<u8> = block.iter().map(|b| b ^ 0x36).collect();
-    let outer: Vec<u8> = block.iter().map(|b| b ^ 0x5c).collect();
-    let inner_hash = Sha256::new()
-        .chain_update(&inner)
-        .chain_update(message)
-        .finalize();
-    Sha256::new()
-        .chain_update(&outer)
-        .chain_update(inner_hash)
-        .finalize()
-        .to_vec()
+    use hmac::{Hmac, Mac as _};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).expect("any key length");
+    mac.update(message);
+    mac.finalize().into_bytes().to_vec()
 }
 
 /// HS256 "signed" with the public key's bytes (the algorithm-confusion attack) is refused.
