@@ -26,5 +26,5 @@ pub mod testing;
 pub use config::{ServerConfig, parse_duration};
 pub use drain::{Drain, InFlight};
 pub use health::Health;
-pub use server::{Lifecycle, ServeError, ServiceSpec, bind, serve};
+pub use server::{DRAIN_SETTLE, Lifecycle, ServeError, ServiceSpec, bind, serve};
 pub use signal::shutdown_signal;

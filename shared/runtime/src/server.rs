@@ -12,6 +12,10 @@ use crate::{
     limits::RequestSizeLimitLayer,
 };
 
+/// The shortest drain: how long a draining server keeps serving even with nothing in flight
+/// (never longer than the grace period).
+pub const DRAIN_SETTLE: Duration = Duration::from_millis(500);
+
 /// Why a server could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -121,8 +125,8 @@ fn reflection_builder(spec: &ServiceSpec) -> tonic_reflection::server::Builder<'
 /// `shutdown` completes, then drains gracefully.
 ///
 /// The drain: health turns `NOT_SERVING` (`liveness` stays `SERVING`), the [`Drain`] fires so
-/// long-lived streams end, and the server keeps serving until no call of the service is in
-/// flight or `config.grace_period` has passed; then it stops accepting, closes its connections
+/// long-lived streams end, and the server keeps serving for at least [`DRAIN_SETTLE`] and then
+/// until no call of the service is in flight or `config.grace_period` has passed; then it stops accepting, closes its connections
 /// (what is still running then is answered `UNAVAILABLE`) and returns.
 pub async fn serve(
     listener: TcpListener,
@@ -184,9 +188,16 @@ pub async fn serve(
     lifecycle.health.begin_draining();
     lifecycle.drain.begin();
 
-    let finished = tokio::time::timeout_at(deadline, in_flight.idle())
-        .await
-        .is_ok();
+    // Keep serving for a moment even when nothing is counted in flight: a request whose
+    // headers were already read may not have reached the counting layer yet (its task has not
+    // run), and health watchers need a chance to receive NOT_SERVING before connections close.
+    let settle = tokio::time::Instant::now() + DRAIN_SETTLE.min(grace);
+    let finished = tokio::time::timeout_at(deadline, async {
+        tokio::time::sleep_until(settle).await;
+        in_flight.idle().await;
+    })
+    .await
+    .is_ok();
     let cut_off = in_flight.current();
     if !finished {
         // Answer what is left with a retryable status rather than a broken connection.
