@@ -44,7 +44,25 @@ fn free_addr() -> SocketAddr {
 }
 
 impl MeshUp {
+    /// Starts `mesh up` on free ports. A port picked here can be taken by another process
+    /// before the child binds it; then `mesh up` fails at once and is started again on new
+    /// ports (a few times at most).
     async fn start(grace: &str) -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Self::try_start(grace).await {
+                Ok(mesh) => return mesh,
+                Err(output) if output.contains("Address already in use") => failures.push(output),
+                Err(output) => panic!("mesh up ended before it was up:\n{output}"),
+            }
+        }
+        panic!(
+            "mesh up could not bind its ports three times:\n{}",
+            failures.join("\n---\n")
+        );
+    }
+
+    async fn try_start(grace: &str) -> Result<Self, String> {
         let addrs: Vec<_> = SERVICES
             .iter()
             .map(|(short, full)| (*short, *full, free_addr()))
@@ -72,7 +90,7 @@ impl MeshUp {
             .spawn()
             .expect("spawn mesh up");
 
-        let (err_tx, stderr) = mpsc::unbounded_channel();
+        let (err_tx, mut stderr) = mpsc::unbounded_channel();
         let mut err_lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
         tokio::spawn(async move {
             while let Ok(Some(line)) = err_lines.next_line().await {
@@ -89,13 +107,25 @@ impl MeshUp {
                 text.push_str(&line);
                 text.push('\n');
                 if line.contains("grpcurl -plaintext") && line.contains("Health/Check") {
-                    return text;
+                    return Some(text);
                 }
             }
-            panic!("mesh up ended before it was up:\n{text}");
+            None
         })
         .await
         .expect("mesh up reports it is up within 60 s");
+        let Some(banner) = banner else {
+            // Ended: collect what it said on stderr.
+            let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+            let mut said = String::new();
+            while let Ok(Some(line)) =
+                tokio::time::timeout(Duration::from_secs(2), stderr.recv()).await
+            {
+                said.push_str(&line);
+                said.push('\n');
+            }
+            return Err(said);
+        };
         for (_, _, addr) in &addrs {
             assert!(
                 banner.contains(&addr.to_string()),
@@ -103,12 +133,12 @@ impl MeshUp {
             );
         }
         tokio::spawn(async move { while let Ok(Some(_)) = out_lines.next_line().await {} });
-        Self {
+        Ok(Self {
             child,
             _data: data,
             addrs,
             stderr,
-        }
+        })
     }
 
     fn addr(&self, short: &str) -> SocketAddr {
