@@ -39,8 +39,8 @@ pub(crate) struct UpArgs {
     #[arg(long, env = "MESH_USERS_LISTEN", default_value = mesh_users::DEFAULT_LISTEN)]
     users_listen: SocketAddr,
 
-    /// Folder for the services' local state (auth's database and development signing key;
-    /// users' database as it arrives).
+    /// Folder for the services' local state (auth's database and development signing key,
+    /// users' database).
     #[arg(long, env = "MESH_DATA_DIR", default_value = ".mesh")]
     data_dir: std::path::PathBuf,
 
@@ -199,8 +199,11 @@ fn spawn(
         .arg(log_format.to_string())
         .stdin(Stdio::null())
         .kill_on_drop(true);
-    if name == "auth" {
+    if matches!(name, "auth" | "users") {
         command.arg("--data-dir").arg(&args.data_dir);
+    }
+    if name == "users" {
+        command.arg("--auth-url").arg(url_of(args.auth_listen));
     }
     // Text logs get the service's name in front of every line; JSON lines stay valid JSON.
     if log_format == LogFormat::Text {
@@ -214,6 +217,19 @@ fn spawn(
     }
     tracing::info!(service = name, %addr, pid = child.id(), "started");
     Ok(Service { name, addr, child })
+}
+
+/// The URL that reaches a service listening on `addr` from this machine.
+fn url_of(addr: SocketAddr) -> String {
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    format!("http://{addr}")
 }
 
 async fn prefix_lines(name: &'static str, stderr: tokio::process::ChildStderr) {

@@ -4,41 +4,105 @@
 //! The crate is the whole service; its binary and `mesh users` only parse [`Config`] and call
 //! [`run`]. Tests call [`serve`] with a listener bound on port 0.
 //!
-//! Every method answers `UNIMPLEMENTED` for now; health, reflection, limits and graceful
-//! shutdown come from [`mesh_runtime`].
+//! Layers, top-down: [`Config`] → [`mesh_authn::AuthLayer`] (bearer tokens verified locally
+//! against auth's cached JWKS) → `server` (the tonic handlers: check the caller, parse and
+//! validate, map errors) → [`domain`] (input rules, page tokens) and `feed` (the one live feed
+//! of the change log that every `WatchUsers` stream shares) → [`store`] (SQLite or
+//! PostgreSQL). Health, reflection, limits and graceful shutdown come from [`mesh_runtime`].
 
 mod config;
 pub mod domain;
+mod error;
+mod feed;
 mod server;
 pub mod store;
 
-use std::future::Future;
+use std::{future::Future, sync::Arc};
 
+use mesh_authn::AuthLayer;
 use mesh_runtime::{Lifecycle, ServeError, ServiceSpec};
 use tokio::net::TcpListener;
+use tower::Layer as _;
 
 pub use config::{Config, DEFAULT_LISTEN};
-pub use server::UsersServer;
+pub use server::{
+    DEFAULT_PAGE_SIZE, MAX_BATCH_IDS, MAX_PAGE_SIZE, MAX_REQUEST_ID_BYTES, UsersServer,
+};
 
 /// The service's fully qualified name, as health checking and reflection spell it.
 pub const SERVICE_NAME: &str = mesh_proto::service_names::USERS;
+
+/// The name under which the page-token key is kept in the database.
+const PAGE_TOKEN_KEY: &str = "page_token_key";
+
+/// Why the users service could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database could not be opened, migrated or read.
+    #[error("cannot open the database")]
+    Store(#[from] store::StoreError),
+    /// The page-token key could not be made or is unusable.
+    #[error("cannot set up page tokens: {0}")]
+    PageTokens(String),
+    /// The server could not run.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// The key that MACs page tokens: made once (32 random bytes) and kept in the database, so
+/// every replica and every restart accepts the tokens of the others.
+async fn page_tokens(store: &dyn store::UsersStore) -> Result<domain::PageTokens, Error> {
+    let mut fresh = [0u8; 32];
+    getrandom::getrandom(&mut fresh).map_err(|e| Error::PageTokens(e.to_string()))?;
+    let proposed: String = fresh.iter().map(|b| format!("{b:02x}")).collect();
+    let stored = store.setting_or_insert(PAGE_TOKEN_KEY, &proposed).await?;
+    let key = (0..stored.len())
+        .step_by(2)
+        .map(|i| {
+            stored
+                .get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect::<Option<Vec<u8>>>()
+        .filter(|k| k.len() >= 32)
+        .ok_or_else(|| {
+            Error::PageTokens("the stored page-token key is not 32+ hex bytes".into())
+        })?;
+    domain::PageTokens::new(&key).map_err(|e| Error::PageTokens(e.to_string()))
+}
 
 /// Serves the users service on `listener` until `shutdown` completes, then drains.
 pub async fn serve(
     config: &Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), ServeError> {
+) -> Result<(), Error> {
     let lifecycle = Lifecycle::new(SERVICE_NAME);
-    let service = UsersServer::new().into_service(config.server.max_request_bytes);
-    // Nothing to wait for before taking calls yet: ready as soon as the service exists.
+    let store = store::open(config.database_url.as_deref(), &config.data_dir).await?;
+    let page_tokens = page_tokens(store.as_ref()).await?;
+    let (feed, feed_task) = feed::Feed::start(
+        store.clone(),
+        store.last_sequence().await?,
+        usize::try_from(config.watch_buffer).unwrap_or(1024),
+        config.watch_poll_interval,
+        lifecycle.drain().clone(),
+    );
+    let keys = Arc::new(config.authn.jwks_cache());
+    let handlers = UsersServer::new(store, page_tokens, feed, lifecycle.drain().clone());
+    let service =
+        AuthLayer::new(keys, &[]).layer(handlers.into_service(config.server.max_request_bytes));
+    // Ready once the database is migrated. Tokens are verified with auth's keys, fetched on
+    // first use: a call that arrives while auth is unreachable is UNAVAILABLE, not a reason to
+    // leave the endpoints.
     lifecycle.health().set_ready(true);
     let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::USERS);
-    mesh_runtime::serve(listener, spec, &lifecycle, &config.server, shutdown).await
+    let served = mesh_runtime::serve(listener, spec, &lifecycle, &config.server, shutdown).await;
+    feed_task.abort();
+    Ok(served?)
 }
 
 /// Binds `config.listen` and serves until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), ServeError> {
+pub async fn run(config: Config) -> Result<(), Error> {
     let listener = mesh_runtime::bind(config.listen).await?;
     serve(&config, listener, mesh_runtime::shutdown_signal()).await
 }

@@ -16,8 +16,14 @@ use std::{path::Path, sync::Arc};
 use mesh_store::{Migrations, Pool};
 use sqlx::{postgres::PgPool, sqlite::SqlitePool};
 
-const MIGRATIONS: Migrations =
-    Migrations(&[(1, "init", include_str!("../migrations/0001_init.sql"))]);
+const MIGRATIONS: Migrations = Migrations(&[
+    (1, "init", include_str!("../migrations/0001_init.sql")),
+    (
+        2,
+        "settings",
+        include_str!("../migrations/0002_settings.sql"),
+    ),
+]);
 
 /// A storage failure. Never shown to callers.
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +161,9 @@ pub trait UsersStore: Send + Sync + std::fmt::Debug + 'static {
     async fn events_after(&self, after: i64, limit: i64) -> Result<Vec<Event>, StoreError>;
     /// The newest sequence handed out (0 for an empty log).
     async fn last_sequence(&self) -> Result<i64, StoreError>;
+    /// The setting `name`: the stored value, or `proposed` if none was stored yet (then stored,
+    /// so every replica that asks later gets the same value).
+    async fn setting_or_insert(&self, name: &str, proposed: &str) -> Result<String, StoreError>;
 }
 
 /// Opens the store named by `url`, or the SQLite file `<data_dir>/users/users.db`.
@@ -450,6 +459,27 @@ macro_rules! impl_store {
                         .fetch_one(&self.pool)
                         .await?;
                 Ok(last)
+            }
+
+            async fn setting_or_insert(
+                &self,
+                name: &str,
+                proposed: &str,
+            ) -> Result<String, StoreError> {
+                sqlx::query(
+                    "INSERT INTO service_settings (name, value) VALUES ($1, $2) \
+                     ON CONFLICT (name) DO NOTHING",
+                )
+                .bind(name)
+                .bind(proposed)
+                .execute(&self.pool)
+                .await?;
+                let (value,): (String,) =
+                    sqlx::query_as("SELECT value FROM service_settings WHERE name = $1")
+                        .bind(name)
+                        .fetch_one(&self.pool)
+                        .await?;
+                Ok(value)
             }
         }
     };

@@ -11,6 +11,10 @@
 //! (retryable). On success the typed [`Claims`] and the raw [`BearerToken`] (for downstream
 //! calls made for the caller) are put into the request's extensions.
 
+mod config;
+
+pub use config::{AuthnConfig, DEFAULT_AUTH_URL, parse_url};
+
 use std::{
     future::Future,
     pin::Pin,

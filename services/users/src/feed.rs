@@ -1,0 +1,224 @@
+//! The live change feed behind `WatchUsers`: one task per process tails the durable log and
+//! broadcasts each event, in sequence order, to every subscriber.
+//!
+//! A subscriber first subscribes to the broadcast, then (when it gave a position) replays the
+//! stored events after it, and then takes the live events, skipping any it has already sent —
+//! every event committed after the subscription is in its broadcast receiver, and every one
+//! committed before is in the table, so the seam has no gap and no duplicate. A subscriber that
+//! falls more than the buffer behind is told so by the broadcast (it lagged) and catches up
+//! from the table the same way, so no event is ever skipped silently.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
+
+use mesh_runtime::Drain;
+use tokio::sync::{Notify, broadcast};
+use tokio_stream::Stream;
+use tonic::Status;
+
+use crate::store::{Event, UsersStore};
+
+/// Events read from the table per query, by the feed and by replays.
+const BATCH: i64 = 500;
+/// The shortest poll interval the feed accepts.
+const MIN_POLL: Duration = Duration::from_millis(10);
+
+/// The process's one live feed of the change log.
+#[derive(Debug)]
+pub(crate) struct Feed {
+    tx: broadcast::Sender<Arc<Event>>,
+    /// The sequence of the newest event broadcast (stored before it is sent).
+    published: AtomicI64,
+    wake: Notify,
+}
+
+impl Feed {
+    /// Starts the feed after sequence `after` (the log's end at start-up): it reads new events
+    /// when [`Feed::wake`] is called (after a local commit) and every `poll` (for commits made
+    /// by other replicas), until `drain` begins.
+    pub(crate) fn start(
+        store: Arc<dyn UsersStore>,
+        after: i64,
+        buffer: usize,
+        poll: Duration,
+        drain: Drain,
+    ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
+        let (tx, _) = broadcast::channel(buffer.max(1));
+        let feed = Arc::new(Self {
+            tx,
+            published: AtomicI64::new(after),
+            wake: Notify::new(),
+        });
+        let task = tokio::spawn(feed.clone().run(store, poll.max(MIN_POLL), drain));
+        (feed, task)
+    }
+
+    async fn run(self: Arc<Self>, store: Arc<dyn UsersStore>, poll: Duration, drain: Drain) {
+        let mut failing = false;
+        loop {
+            let after = self.published.load(Ordering::SeqCst);
+            let mut full = false;
+            match store.events_after(after, BATCH).await {
+                Ok(events) => {
+                    if failing {
+                        tracing::info!("change feed reads the log again");
+                        failing = false;
+                    }
+                    full = events.len() as i64 == BATCH;
+                    for event in events {
+                        // Published first: a subscriber that misses this send in its receiver
+                        // then sees the event as already behind its starting point.
+                        self.published.store(event.sequence, Ordering::SeqCst);
+                        let _ = self.tx.send(Arc::new(event));
+                    }
+                }
+                Err(err) => {
+                    if !failing {
+                        tracing::warn!(error = %mesh_runtime::cli::error_chain(&err),
+                            "change feed cannot read the log; retrying");
+                        failing = true;
+                    }
+                }
+            }
+            if full {
+                continue;
+            }
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(poll) => {}
+                () = drain.draining() => return,
+            }
+        }
+    }
+
+    /// Tells the feed that a change was committed (it reads the log at once).
+    pub(crate) fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// The number of live subscribers.
+    pub(crate) fn subscribers(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
+    /// A subscription: events after `after` when given (replayed from the table first), else
+    /// from the live edge.
+    pub(crate) fn subscribe(
+        &self,
+        store: Arc<dyn UsersStore>,
+        after: Option<i64>,
+        drain: Drain,
+    ) -> impl Stream<Item = Result<Event, Status>> + Send + 'static {
+        let rx = self.tx.subscribe();
+        let (position, replaying) = match after {
+            Some(after) => (after, true),
+            None => (self.published.load(Ordering::SeqCst), false),
+        };
+        let state = Subscriber {
+            rx,
+            store,
+            drain,
+            position,
+            replaying,
+            pending: VecDeque::new(),
+            done: false,
+        };
+        futures_util::stream::unfold(state, |mut state| async move {
+            let item = state.next().await?;
+            Some((item, state))
+        })
+    }
+}
+
+/// One `WatchUsers` stream's state.
+struct Subscriber {
+    rx: broadcast::Receiver<Arc<Event>>,
+    store: Arc<dyn UsersStore>,
+    drain: Drain,
+    /// The sequence of the last event sent (or the starting point).
+    position: i64,
+    /// Reading from the table rather than from the broadcast.
+    replaying: bool,
+    /// Events read from the table, not yet sent.
+    pending: VecDeque<Event>,
+    done: bool,
+}
+
+impl Subscriber {
+    fn shutting_down(&mut self) -> Status {
+        self.done = true;
+        Status::unavailable(format!(
+            "the server is shutting down; resume with after_sequence = {}",
+            self.position
+        ))
+    }
+
+    async fn next(&mut self) -> Option<Result<Event, Status>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if self.drain.is_draining() {
+                return Some(Err(self.shutting_down()));
+            }
+            if let Some(event) = self.pending.pop_front() {
+                self.position = event.sequence;
+                return Some(Ok(event));
+            }
+            if self.replaying {
+                let read = tokio::select! {
+                    biased;
+                    () = self.drain.draining() => return Some(Err(self.shutting_down())),
+                    read = self.store.events_after(self.position, BATCH) => read,
+                };
+                match read {
+                    Ok(events) => {
+                        // A short page means the table is caught up: what commits later is in
+                        // the receiver, which was subscribed before this read.
+                        self.replaying = events.len() as i64 == BATCH;
+                        self.pending.extend(events);
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %mesh_runtime::cli::error_chain(&err),
+                            "cannot replay the change log for a subscriber");
+                        self.done = true;
+                        return Some(Err(Status::unavailable(format!(
+                            "storage unavailable; resume with after_sequence = {}",
+                            self.position
+                        ))));
+                    }
+                }
+                continue;
+            }
+            let received = tokio::select! {
+                biased;
+                () = self.drain.draining() => return Some(Err(self.shutting_down())),
+                received = self.rx.recv() => received,
+            };
+            match received {
+                Ok(event) if event.sequence <= self.position => {}
+                Ok(event) => {
+                    self.position = event.sequence;
+                    return Some(Ok(Event::clone(&event)));
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(
+                        missed,
+                        position = self.position,
+                        "subscriber fell behind the live feed; catching up from the log"
+                    );
+                    self.replaying = true;
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    return Some(Err(self.shutting_down()));
+                }
+            }
+        }
+    }
+}
