@@ -5,6 +5,10 @@
 //! Argon2id verification rate of the machine (the ceiling for logins), the latency of health
 //! checks during the login storm against idle, and the throughput of `ValidateToken`.
 //! Prints a table and writes `<results>/login.json`.
+//!
+//! Scenario `users`: see [`users`].
+
+mod users;
 
 use std::{
     path::PathBuf,
@@ -34,6 +38,10 @@ pub(crate) struct BenchArgs {
     /// How long each measurement runs (after a warm-up of a tenth of it).
     #[arg(long, default_value = "10s", value_parser = mesh_runtime::parse_duration)]
     duration: Duration,
+    /// Database of the users service in scenario `users` (`postgres://…`); unset: SQLite in a
+    /// temporary folder.
+    #[arg(long)]
+    database_url: Option<String>,
     /// Folder for the JSON results.
     #[arg(long, env = "MESH_BENCH_RESULTS", default_value = "bench-results")]
     results: PathBuf,
@@ -45,6 +53,9 @@ enum Scenario {
     /// Argon2 login throughput vs the raw hash rate, health latency during the storm, and
     /// ValidateToken throughput.
     Login,
+    /// GetUser at 1/16/64 callers, BatchGetUsers of 100 ids, and the event rate and delay one
+    /// WatchUsers subscriber sees under write load.
+    Users,
 }
 
 /// Why a benchmark failed.
@@ -160,6 +171,7 @@ async fn probe_health(channel: Channel, mut stop: oneshot::Receiver<()>) -> Vec<
 pub(crate) async fn run(args: BenchArgs) -> Result<(), BenchError> {
     match args.scenario {
         Scenario::Login => login(args).await,
+        Scenario::Users => users::users(args).await,
     }
 }
 
@@ -301,12 +313,17 @@ async fn login(args: BenchArgs) -> Result<(), BenchError> {
         json(&storm),
         json(&validations),
     );
-    std::fs::create_dir_all(&args.results).map_err(|source| BenchError::Write {
-        path: args.results.clone(),
+    write_report(&args.results, "login.json", &report)
+}
+
+/// Writes `report` (one JSON document) to `<results>/<name>` and says where.
+fn write_report(results: &std::path::Path, name: &str, report: &str) -> Result<(), BenchError> {
+    std::fs::create_dir_all(results).map_err(|source| BenchError::Write {
+        path: results.to_owned(),
         source,
     })?;
-    let path = args.results.join("login.json");
-    std::fs::write(&path, report + "\n").map_err(|source| BenchError::Write {
+    let path = results.join(name);
+    std::fs::write(&path, format!("{report}\n")).map_err(|source| BenchError::Write {
         path: path.clone(),
         source,
     })?;
