@@ -22,7 +22,7 @@ use tokio::sync::{Notify, broadcast};
 use tokio_stream::Stream;
 use tonic::Status;
 
-use crate::store::{Event, UsersStore};
+use crate::store::{Event, StoreError, UsersStore};
 
 /// Events read from the table per query, by the feed and by replays.
 const BATCH: i64 = 500;
@@ -33,7 +33,7 @@ const MIN_POLL: Duration = Duration::from_millis(10);
 #[derive(Debug)]
 pub(crate) struct Feed {
     tx: broadcast::Sender<Arc<Event>>,
-    /// The sequence of the newest event broadcast (stored before it is sent).
+    /// The sequence of the newest event broadcast: where the feed reads on from.
     published: AtomicI64,
     wake: Notify,
 }
@@ -72,8 +72,6 @@ impl Feed {
                     }
                     full = events.len() as i64 == BATCH;
                     for event in events {
-                        // Published first: a subscriber that misses this send in its receiver
-                        // then sees the event as already behind its starting point.
                         self.published.store(event.sequence, Ordering::SeqCst);
                         let _ = self.tx.send(Arc::new(event));
                     }
@@ -108,17 +106,27 @@ impl Feed {
     }
 
     /// A subscription: events after `after` when given (replayed from the table first), else
-    /// from the live edge.
-    pub(crate) fn subscribe(
+    /// from the live edge: after every change committed before the subscription. Also returns
+    /// that live edge (the log's newest sequence when the subscription began): the stream sends
+    /// every event with a larger sequence.
+    pub(crate) async fn subscribe(
         &self,
         store: Arc<dyn UsersStore>,
         after: Option<i64>,
         drain: Drain,
-    ) -> impl Stream<Item = Result<Event, Status>> + Send + 'static {
+    ) -> Result<
+        (
+            i64,
+            impl Stream<Item = Result<Event, Status>> + Send + 'static,
+        ),
+        StoreError,
+    > {
         let rx = self.tx.subscribe();
+        // Read after subscribing: every event committed later is in the receiver.
+        let head = store.last_sequence().await?;
         let (position, replaying) = match after {
             Some(after) => (after, true),
-            None => (self.published.load(Ordering::SeqCst), false),
+            None => (head, false),
         };
         let state = Subscriber {
             rx,
@@ -129,10 +137,11 @@ impl Feed {
             pending: VecDeque::new(),
             done: false,
         };
-        futures_util::stream::unfold(state, |mut state| async move {
+        let events = futures_util::stream::unfold(state, |mut state| async move {
             let item = state.next().await?;
             Some((item, state))
-        })
+        });
+        Ok((head, events))
     }
 }
 

@@ -26,7 +26,8 @@ use tower::Layer as _;
 
 pub use config::{Config, DEFAULT_LISTEN};
 pub use server::{
-    DEFAULT_PAGE_SIZE, MAX_BATCH_IDS, MAX_PAGE_SIZE, MAX_REQUEST_ID_BYTES, UsersServer,
+    DEFAULT_PAGE_SIZE, LOG_HEAD_HEADER, MAX_BATCH_IDS, MAX_PAGE_SIZE, MAX_REQUEST_ID_BYTES,
+    UsersServer,
 };
 
 /// The service's fully qualified name, as health checking and reflection spell it.

@@ -30,6 +30,10 @@ pub const MAX_BATCH_IDS: usize = 1000;
 pub const DEFAULT_PAGE_SIZE: i64 = 50;
 /// The largest `ListUsers` page.
 pub const MAX_PAGE_SIZE: i64 = 1000;
+/// Response metadata of `WatchUsers`: the log's position when the stream began; the stream
+/// sends every event with a larger sequence. A relay resumes from it after a disconnect
+/// even if no event came in between.
+pub const LOG_HEAD_HEADER: &str = "x-mesh-log-head";
 /// The longest `CreateUser.request_id`, in bytes.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
 
@@ -365,7 +369,7 @@ impl UsersServer {
     async fn watch(
         &self,
         request: Request<WatchUsersRequest>,
-    ) -> Result<UserEventStream, UsersError> {
+    ) -> Result<Response<UserEventStream>, UsersError> {
         claims(&request)?;
         let after = request.into_inner().after_sequence;
         if let Some(after) = after {
@@ -382,17 +386,21 @@ impl UsersServer {
                 )));
             }
         }
-        let events = self
+        let (head, events) = self
             .inner
             .feed
             .subscribe(self.inner.store.clone(), after, self.inner.drain.clone())
-            .map(|event| event.map(event_to_proto));
+            .await?;
         tracing::debug!(
             subscribers = self.inner.feed.subscribers(),
             ?after,
+            head,
             "watch started"
         );
-        Ok(Box::pin(events))
+        let events: UserEventStream = Box::pin(events.map(|event| event.map(event_to_proto)));
+        let mut response = Response::new(events);
+        response.metadata_mut().insert(LOG_HEAD_HEADER, head.into());
+        Ok(response)
     }
 }
 
@@ -451,6 +459,6 @@ impl UserService for UsersServer {
         &self,
         request: Request<WatchUsersRequest>,
     ) -> Result<Response<Self::WatchUsersStream>, Status> {
-        Ok(Response::new(self.watch(request).await?))
+        Ok(self.watch(request).await?)
     }
 }

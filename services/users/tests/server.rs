@@ -1068,7 +1068,7 @@ async fn watch_users_rules() {
             Code::OutOfRange,
             "newest stored sequence 1",
         );
-        let mut live = client
+        let live = client
             .watch_users(bearer(
                 &service,
                 WatchUsersRequest {
@@ -1076,8 +1076,15 @@ async fn watch_users_rules() {
                 },
             ))
             .await
-            .expect("live")
-            .into_inner();
+            .expect("live");
+        assert_eq!(
+            live.metadata()
+                .get(mesh_users::LOG_HEAD_HEADER)
+                .and_then(|v| v.to_str().ok()),
+            Some("1"),
+            "the stream names the log position it starts after"
+        );
+        let mut live = live.into_inner();
         let mut replay = client
             .watch_users(bearer(
                 &alice.token,
