@@ -1,25 +1,82 @@
 //! The aggregator (`mesh.aggregator.v1.AggregatorService`): the mesh's public facade, which
 //! calls auth and users concurrently and streams their joined results.
 //!
-//! The crate is the whole service; its binary and `mesh aggregator` only parse [`Config`] and call
-//! [`run`]. Tests call [`serve`] with a listener bound on port 0.
+//! The crate is the whole service; its binary and `mesh aggregator` only parse [`Config`] and
+//! call [`run`]. Tests call [`serve`] with a listener bound on port 0.
 //!
-//! Every method answers `UNIMPLEMENTED` for now; health, reflection, limits and graceful
-//! shutdown come from [`mesh_runtime`].
+//! Layers, top-down: [`Config`] → [`mesh_authn::AuthLayer`] (bearer tokens verified locally;
+//! `SignUp`, `Login`, `Refresh` and `Logout` are public) → `server` (the handlers: joins,
+//! streams, undoing half-done work) → `downstream` (shared connections to auth and users, and
+//! the deadline, token, request id and trace context each downstream call carries) and `watch`
+//! (the one upstream `WatchUsers` subscription, fanned out). Health is `NOT_SERVING` while auth
+//! or users is unreachable.
 
 mod config;
+mod downstream;
 mod server;
+mod watch;
 
-use std::future::Future;
+use std::{future::Future, sync::Arc, time::Duration};
 
-use mesh_runtime::{Lifecycle, ServeError, ServiceSpec};
+use mesh_authn::AuthLayer;
+use mesh_runtime::{Health, Lifecycle, ServeError, ServiceSpec};
 use tokio::net::TcpListener;
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use tower::Layer as _;
 
-pub use config::{Config, DEFAULT_LISTEN};
-pub use server::AggregatorServer;
+pub use config::{Config, DEFAULT_LISTEN, DEFAULT_USERS_URL};
+pub use server::{
+    AggregatorServer, LOOKUPS_IN_FLIGHT, MAX_PROFILE_IDS, PROFILE_BATCH, PROFILE_BATCHES_IN_FLIGHT,
+};
 
 /// The service's fully qualified name, as health checking and reflection spell it.
 pub const SERVICE_NAME: &str = mesh_proto::service_names::AGGREGATOR;
+
+/// The methods that need no bearer token.
+const PUBLIC_METHODS: &[&str] = &["SignUp", "Login", "Refresh", "Logout"];
+
+/// Whether `service` behind `channel` answers SERVING within a second.
+async fn serving(channel: Channel, service: &str) -> bool {
+    let mut request = tonic::Request::new(HealthCheckRequest {
+        service: service.to_owned(),
+    });
+    request.set_timeout(Duration::from_secs(1));
+    let mut client = HealthClient::new(channel);
+    let check = client.check(request);
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), check).await,
+        Ok(Ok(reply)) if reply.get_ref().status() == ServingStatus::Serving
+    )
+}
+
+/// Keeps health in step with the reachability of auth and users.
+async fn watch_dependencies(
+    downstream: Arc<downstream::Downstreams>,
+    health: Health,
+    interval: Duration,
+) {
+    let mut was = None;
+    loop {
+        let (auth, users) = tokio::join!(
+            serving(downstream.auth_channel(), mesh_proto::service_names::AUTH),
+            serving(downstream.users_channel(), mesh_proto::service_names::USERS),
+        );
+        let ready = auth && users;
+        if was != Some(ready) {
+            if ready {
+                tracing::info!("auth and users are reachable: SERVING");
+            } else {
+                tracing::warn!(auth, users, "a dependency is unreachable: NOT_SERVING");
+            }
+            was = Some(ready);
+        }
+        health.set_ready(ready);
+        tokio::time::sleep(interval.max(Duration::from_millis(50))).await;
+    }
+}
 
 /// Serves the aggregator on `listener` until `shutdown` completes, then drains.
 pub async fn serve(
@@ -28,11 +85,42 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let lifecycle = Lifecycle::new(SERVICE_NAME);
-    let service = AggregatorServer::new().into_service(config.server.max_request_bytes);
-    // Nothing to wait for before taking calls yet: ready as soon as the service exists.
-    lifecycle.health().set_ready(true);
+    let connections = usize::from(config.downstream_connections);
+    let downstream = Arc::new(downstream::Downstreams::new(
+        downstream::Pool::new(&config.authn.auth_url, connections),
+        downstream::Pool::new(&config.users_url, connections),
+    ));
+    let credentials = config
+        .client_secret
+        .clone()
+        .map(|client_secret| watch::ServiceCredentials {
+            client_id: config.client_id.clone(),
+            client_secret,
+        });
+    if credentials.is_none() {
+        tracing::warn!("no --client-secret: WatchProfiles is unavailable");
+    }
+    let token = Arc::new(watch::ServiceToken::new(credentials, downstream.clone()));
+    let (fanout, fanout_task) = watch::Fanout::start(
+        downstream.clone(),
+        token,
+        usize::try_from(config.watch_buffer).unwrap_or(1024),
+        lifecycle.drain().clone(),
+    );
+    let keys = Arc::new(config.authn.jwks_cache());
+    let handlers = AggregatorServer::new(downstream.clone(), fanout, config.default_deadline);
+    let service = AuthLayer::new(keys, PUBLIC_METHODS)
+        .layer(handlers.into_service(config.server.max_request_bytes));
+    let dependencies = tokio::spawn(watch_dependencies(
+        downstream,
+        lifecycle.health().clone(),
+        config.dependency_check_interval,
+    ));
     let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::AGGREGATOR);
-    mesh_runtime::serve(listener, spec, &lifecycle, &config.server, shutdown).await
+    let served = mesh_runtime::serve(listener, spec, &lifecycle, &config.server, shutdown).await;
+    dependencies.abort();
+    fanout_task.abort();
+    served
 }
 
 /// Binds `config.listen` and serves until SIGTERM or SIGINT.

@@ -60,6 +60,9 @@ pub(crate) enum UpError {
     /// The path of the running executable is unknown, so the services cannot be started.
     #[error("cannot find the mesh executable")]
     CurrentExe(#[source] io::Error),
+    /// No random secret could be made for the aggregator's service identity.
+    #[error("cannot make a service-client secret: {0}")]
+    Secret(String),
     /// A service could not be started.
     #[error("cannot start {name}")]
     Spawn {
@@ -119,9 +122,10 @@ pub(crate) async fn run(args: UpArgs, log_format: LogFormat) -> Result<(), UpErr
         ("users", args.users_listen),
         ("aggregator", args.aggregator_listen),
     ];
+    let secret = RunSecret::generate()?;
     let mut services = Vec::with_capacity(plan.len());
     for (name, addr) in plan {
-        match spawn(&exe, name, addr, &args, log_format) {
+        match spawn(&exe, name, addr, &args, log_format, &secret) {
             Ok(service) => services.push(service),
             Err(err) => {
                 let _ = stop_all(&mut services, &args.server).await;
@@ -178,12 +182,36 @@ pub(crate) async fn run(args: UpArgs, log_format: LogFormat) -> Result<(), UpErr
     }
 }
 
+/// The client id `mesh up` gives the aggregator at auth.
+const AGGREGATOR_CLIENT_ID: &str = "aggregator";
+
+/// A service-client secret for one run of `mesh up`, and the SHA-256 digest auth keeps.
+struct RunSecret {
+    secret: String,
+    digest_hex: String,
+}
+
+impl RunSecret {
+    fn generate() -> Result<Self, UpError> {
+        use sha2::Digest as _;
+        let mut bytes = [0u8; 32];
+        getrandom::getrandom(&mut bytes).map_err(|e| UpError::Secret(e.to_string()))?;
+        let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let digest_hex = sha2::Sha256::digest(secret.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(Self { secret, digest_hex })
+    }
+}
+
 fn spawn(
     exe: &std::path::Path,
     name: &'static str,
     addr: SocketAddr,
     args: &UpArgs,
     log_format: LogFormat,
+    secret: &RunSecret,
 ) -> Result<Service, UpError> {
     let server = &args.server;
     let mut command = Command::new(exe);
@@ -202,8 +230,27 @@ fn spawn(
     if matches!(name, "auth" | "users") {
         command.arg("--data-dir").arg(&args.data_dir);
     }
-    if name == "users" {
+    if matches!(name, "users" | "aggregator") {
         command.arg("--auth-url").arg(url_of(args.auth_listen));
+    }
+    if name == "aggregator" {
+        command.arg("--users-url").arg(url_of(args.users_listen));
+    }
+    // The aggregator's service identity, made up for this run and passed in the environment
+    // (command lines are visible to every local user): auth gets the secret's digest only.
+    match name {
+        "auth" => {
+            command.env(
+                "MESH_AUTH_SERVICE_CLIENTS",
+                format!("{AGGREGATOR_CLIENT_ID}=sha256:{}", secret.digest_hex),
+            );
+        }
+        "aggregator" => {
+            command
+                .env("MESH_AGGREGATOR_CLIENT_ID", AGGREGATOR_CLIENT_ID)
+                .env("MESH_AGGREGATOR_CLIENT_SECRET", &secret.secret);
+        }
+        _ => {}
     }
     // Text logs get the service's name in front of every line; JSON lines stay valid JSON.
     if log_format == LogFormat::Text {
@@ -353,6 +400,8 @@ fn print_banner(args: &UpArgs) {
          \nCall it with grpcurl (plaintext; reflection and health on every port):\
          \n  grpcurl -plaintext {agg} list\
          \n  grpcurl -plaintext {agg} describe mesh.aggregator.v1.AggregatorService\
+         \n  grpcurl -plaintext -d '{{\"email\":\"ada@example.com\",\"password\":\"correct horse battery\",\"display_name\":\"Ada\"}}' {agg} mesh.aggregator.v1.AggregatorService/SignUp\
+         \n  grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" -d '{{}}' {agg} mesh.aggregator.v1.AggregatorService/GetMe\
          \n  grpcurl -plaintext -d '{{\"service\":\"mesh.aggregator.v1.AggregatorService\"}}' {agg} grpc.health.v1.Health/Check\n\
          \nCtrl-C or SIGTERM drains and stops all three.\n",
         args.auth_listen, args.users_listen

@@ -228,7 +228,7 @@ async fn grpcurl(bin: &Path, args: &[&str]) -> Output {
 }
 
 /// `grpcurl` lists and describes every server's services through reflection, checks health on
-/// each, and gets a clean UNIMPLEMENTED from a method that is not built yet.
+/// each, and goes through the facade: sign up, GetMe with the token, a WatchProfiles replay.
 #[tokio::test]
 async fn grpcurl_lists_describes_and_checks_every_port() {
     let Some(bin) = grpcurl_or_skip("grpcurl_lists_describes_and_checks_every_port") else {
@@ -286,8 +286,10 @@ async fn grpcurl_lists_describes_and_checks_every_port() {
         }
     }
 
+    // A whole flow through the public facade, as the README shows it: sign up, then GetMe with
+    // the token, then a WatchProfiles replay that shows the sign-up's event.
     let agg = mesh.addr("aggregator").to_string();
-    let call = grpcurl(
+    let unauthenticated = grpcurl(
         &bin,
         &[
             "-plaintext",
@@ -298,11 +300,68 @@ async fn grpcurl_lists_describes_and_checks_every_port() {
         ],
     )
     .await;
-    assert!(!call.ok, "GetMe is not implemented yet");
+    assert!(!unauthenticated.ok);
     assert!(
-        call.stderr.contains("Code: Unimplemented"),
+        unauthenticated.stderr.contains("Code: Unauthenticated"),
         "{}",
-        call.stderr
+        unauthenticated.stderr
+    );
+    let sign_up = grpcurl(
+        &bin,
+        &[
+            "-plaintext",
+            "-d",
+            r#"{"email":"ada@example.com","password":"correct horse battery","display_name":"Ada"}"#,
+            &agg,
+            "mesh.aggregator.v1.AggregatorService/SignUp",
+        ],
+    )
+    .await;
+    assert!(sign_up.ok, "sign up: {}", sign_up.stderr);
+    let reply: serde_json::Value = serde_json::from_str(&sign_up.stdout).expect("JSON");
+    let token = reply["tokens"]["accessToken"]
+        .as_str()
+        .expect("access token");
+    let user_id = reply["profile"]["userId"].as_str().expect("user id");
+    let header = format!("authorization: Bearer {token}");
+    let me = grpcurl(
+        &bin,
+        &[
+            "-plaintext",
+            "-H",
+            &header,
+            "-d",
+            "{}",
+            &agg,
+            "mesh.aggregator.v1.AggregatorService/GetMe",
+        ],
+    )
+    .await;
+    assert!(me.ok, "get me: {}", me.stderr);
+    let me: serde_json::Value = serde_json::from_str(&me.stdout).expect("JSON");
+    assert_eq!(me["profile"]["displayName"], "Ada");
+    assert_eq!(me["profile"]["email"], "ada@example.com");
+    assert_eq!(me["sessions"].as_array().map(Vec::len), Some(1));
+    let watch = grpcurl(
+        &bin,
+        &[
+            "-plaintext",
+            "-H",
+            &header,
+            "-max-time",
+            "3",
+            "-d",
+            r#"{"after_sequence":"0"}"#,
+            &agg,
+            "mesh.aggregator.v1.AggregatorService/WatchProfiles",
+        ],
+    )
+    .await;
+    assert!(
+        watch.stdout.contains("PROFILE_EVENT_KIND_CREATED") && watch.stdout.contains(user_id),
+        "watch: {}\n{}",
+        watch.stdout,
+        watch.stderr
     );
 }
 
