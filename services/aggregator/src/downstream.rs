@@ -17,11 +17,7 @@ use mesh_proto::{
     users::v1::user_service_client::UserServiceClient,
 };
 use tokio::time::Instant;
-use tonic::{
-    Code, Request, Status,
-    metadata::MetadataValue,
-    transport::{Channel, Endpoint},
-};
+use tonic::{Code, Request, Status, metadata::MetadataValue, transport::Channel};
 
 /// Time kept back from the caller's remaining deadline for each downstream call, so the answer
 /// (or the deadline error) can still reach the caller in time.
@@ -36,19 +32,11 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    /// `connections` lazily connected channels to `uri`, with a connect timeout and HTTP/2
-    /// keepalive.
+    /// `connections` channels to `uri`, each balanced over every address its host name resolves
+    /// to (one connection per endpoint; see [`mesh_authn::balance`]).
     pub(crate) fn new(uri: &Uri, connections: usize) -> Self {
         let channels = (0..connections.max(1))
-            .map(|_| {
-                Endpoint::from(uri.clone())
-                    .connect_timeout(Duration::from_secs(2))
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(20))
-                    .keep_alive_timeout(Duration::from_secs(10))
-                    .keep_alive_while_idle(true)
-                    .connect_lazy()
-            })
+            .map(|_| mesh_authn::balance::balanced_channel(uri))
             .collect();
         Self {
             channels,

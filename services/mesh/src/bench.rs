@@ -6,8 +6,10 @@
 //! checks during the login storm against idle, and the throughput of `ValidateToken`.
 //! Prints a table and writes `<results>/login.json`.
 //!
-//! Scenario `users`: see [`users`].
+//! Scenarios `users` and `aggregator`: see their modules.
 
+mod aggregator;
+mod fixtures;
 mod users;
 
 use std::{
@@ -42,6 +44,12 @@ pub(crate) struct BenchArgs {
     /// temporary folder.
     #[arg(long)]
     database_url: Option<String>,
+    /// Scenario `aggregator`: the one-way latency put in front of both downstreams.
+    #[arg(long, default_value = "20ms", value_parser = mesh_runtime::parse_duration)]
+    delay: Duration,
+    /// Scenario `aggregator`: WatchProfiles subscribers.
+    #[arg(long, default_value_t = 10_000)]
+    subscribers: usize,
     /// Folder for the JSON results.
     #[arg(long, env = "MESH_BENCH_RESULTS", default_value = "bench-results")]
     results: PathBuf,
@@ -56,6 +64,9 @@ enum Scenario {
     /// GetUser at 1/16/64 callers, BatchGetUsers of 100 ids, and the event rate and delay one
     /// WatchUsers subscriber sees under write load.
     Users,
+    /// GetMe against a direct GetUser (1 and 4 downstream connections), GetMe with delayed
+    /// downstreams, GetProfiles of 10,000 ids, and WatchProfiles with many subscribers.
+    Aggregator,
 }
 
 /// Why a benchmark failed.
@@ -172,6 +183,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), BenchError> {
     match args.scenario {
         Scenario::Login => login(args).await,
         Scenario::Users => users::users(args).await,
+        Scenario::Aggregator => aggregator::aggregator(args).await,
     }
 }
 

@@ -1,10 +1,8 @@
 //! Where a server finds auth and what its tokens must say: flags with environment-variable
 //! fallbacks, shared by every server that verifies bearer tokens.
 
-use std::time::Duration;
-
 use http::Uri;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::JwksCache;
 
@@ -58,15 +56,10 @@ impl AuthnConfig {
         }
     }
 
-    /// A long-lived channel to auth: connected on first use, reconnecting on its own, with a
-    /// connect timeout and HTTP/2 keepalive.
+    /// A long-lived channel to auth: balanced over every address its host name resolves to
+    /// (see [`crate::balance`]), connected on first use, reconnecting on its own.
     pub fn channel(&self) -> Channel {
-        Endpoint::from(self.auth_url.clone())
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .connect_lazy()
+        crate::balance::balanced_channel(&self.auth_url)
     }
 
     /// A key cache for this configuration, on a fresh [`AuthnConfig::channel`].

@@ -11,6 +11,7 @@
 //! (retryable). On success the typed [`Claims`] and the raw [`BearerToken`] (for downstream
 //! calls made for the caller) are put into the request's extensions.
 
+pub mod balance;
 mod config;
 
 pub use config::{AuthnConfig, DEFAULT_AUTH_URL, parse_url};

@@ -25,8 +25,11 @@ use tonic::{Code, Request, Response, Status};
 use tower::Layer as _;
 
 /// Answers GetUser with the caller's claims; ListUsers is public.
-#[derive(Clone)]
-struct Echo;
+#[derive(Clone, Default)]
+struct Echo {
+    /// ListUsers calls this instance answered.
+    lists: Arc<std::sync::atomic::AtomicUsize>,
+}
 
 #[tonic::async_trait]
 impl UserService for Echo {
@@ -49,6 +52,7 @@ impl UserService for Echo {
         request: Request<ListUsersRequest>,
     ) -> Result<Response<ListUsersResponse>, Status> {
         assert!(request.extensions().get::<Claims>().is_none());
+        self.lists.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(Response::new(ListUsersResponse::default()))
     }
     async fn create_user(&self, _: Request<CreateUserRequest>) -> Result<Response<User>, Status> {
@@ -89,10 +93,14 @@ async fn start_auth_on(addr: SocketAddr, data: &Path, keys: Vec<std::path::PathB
 }
 
 async fn start_protected(cache: Arc<JwksCache>) -> TestServer {
-    TestServer::start(move |listener, shutdown| async move {
+    start_protected_on(([127, 0, 0, 1], 0).into(), cache, Echo::default()).await
+}
+
+async fn start_protected_on(addr: SocketAddr, cache: Arc<JwksCache>, echo: Echo) -> TestServer {
+    TestServer::start_on(addr, move |listener, shutdown| async move {
         let lifecycle = Lifecycle::new("mesh.users.v1.UserService");
         lifecycle.health().set_ready(true);
-        let service = AuthLayer::new(cache, &["ListUsers"]).layer(UserServiceServer::new(Echo));
+        let service = AuthLayer::new(cache, &["ListUsers"]).layer(UserServiceServer::new(echo));
         let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::USERS);
         mesh_runtime::serve(
             listener,
@@ -370,4 +378,79 @@ async fn unreachable_auth_is_unavailable() {
         .expect_err("no keys");
     assert_eq!(status.code(), Code::Unavailable);
     server.shutdown().await.expect("clean shutdown");
+}
+
+/// A balanced channel spreads calls over every address its name resolves to, keeps working
+/// when one endpoint stops, and drops it once the name no longer resolves to it.
+#[tokio::test]
+async fn balanced_channel_spreads_over_every_endpoint() {
+    let data = tempfile::tempdir().expect("data");
+    let auth = start_auth_on(([127, 0, 0, 1], 0).into(), data.path(), Vec::new()).await;
+    let cache = Arc::new(JwksCache::new(auth.channel.clone(), "mesh-auth", "mesh"));
+    let mut servers = Vec::new();
+    let mut echoes = Vec::new();
+    // Three servers on three loopback addresses, as three pods behind a headless Service.
+    for ip in [[127, 0, 0, 1], [127, 0, 0, 2], [127, 0, 0, 3]] {
+        let echo = Echo::default();
+        echoes.push(echo.clone());
+        servers.push(start_protected_on((ip, 0).into(), cache.clone(), echo).await);
+    }
+    let resolved = Arc::new(std::sync::Mutex::new(
+        servers.iter().map(|s| s.addr).collect::<Vec<_>>(),
+    ));
+    let answers = resolved.clone();
+    let resolve: mesh_authn::balance::Resolve = Box::new(move |host, _port| {
+        assert_eq!(host, "users.mesh.svc.cluster.local");
+        let addrs = answers.lock().expect("lock").clone();
+        Box::pin(async move { Ok(addrs) })
+    });
+    let channel = mesh_authn::balance::balanced_channel_with(
+        &"http://users.mesh.svc.cluster.local:50053"
+            .parse()
+            .expect("uri"),
+        Duration::from_millis(100),
+        resolve,
+    );
+    let mut client = UserServiceClient::new(channel);
+    let counts = |echoes: &[Echo]| -> Vec<usize> {
+        echoes
+            .iter()
+            .map(|e| e.lists.load(std::sync::atomic::Ordering::SeqCst))
+            .collect()
+    };
+    // The first endpoints appear after the first resolution.
+    for _ in 0..300 {
+        client
+            .list_users(ListUsersRequest::default())
+            .await
+            .expect("list");
+    }
+    let spread = counts(&echoes);
+    assert!(
+        spread.iter().all(|&n| n > 0),
+        "every endpoint takes calls: {spread:?}"
+    );
+
+    // One pod goes away: the name stops resolving to it and calls go on without a failure.
+    let gone = servers.pop().expect("server");
+    resolved.lock().expect("lock").pop();
+    gone.shutdown().await.expect("stops");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = counts(&echoes);
+    for _ in 0..200 {
+        client
+            .list_users(ListUsersRequest::default())
+            .await
+            .expect("calls continue");
+    }
+    let after = counts(&echoes);
+    assert_eq!(after[2], before[2], "the stopped endpoint gets nothing");
+    assert!(
+        after[0] > before[0] && after[1] > before[1],
+        "{before:?} -> {after:?}"
+    );
+    for server in servers {
+        server.shutdown().await.expect("stops");
+    }
+    auth.shutdown().await.expect("stops");
 }

@@ -18,6 +18,18 @@ pub struct ServerConfig {
     /// off (e.g. `10s`, `500ms`, `2m`; a bare number is seconds).
     #[arg(long, env = "MESH_GRACE_PERIOD", default_value = "10s", value_parser = parse_duration)]
     pub grace_period: Duration,
+
+    /// A client connection older than this is asked to go away (HTTP/2 GOAWAY) and reconnect,
+    /// so clients that do not balance per endpoint still spread over new pods after a
+    /// scale-up.
+    #[arg(long, env = "MESH_MAX_CONNECTION_AGE", default_value = "10m",
+          value_parser = parse_duration)]
+    pub max_connection_age: Duration,
+
+    /// How long calls on a connection past its age may still finish before it is closed.
+    #[arg(long, env = "MESH_MAX_CONNECTION_AGE_GRACE", default_value = "1m",
+          value_parser = parse_duration)]
+    pub max_connection_age_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -25,6 +37,8 @@ impl Default for ServerConfig {
         Self {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             grace_period: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(600),
+            max_connection_age_grace: Duration::from_secs(60),
         }
     }
 }

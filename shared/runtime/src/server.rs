@@ -152,6 +152,8 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
 
     let server = tonic::transport::Server::builder()
+        .max_connection_age(config.max_connection_age)
+        .max_connection_age_grace(config.max_connection_age_grace)
         // Outermost: every call, even one refused by a later layer, gets a request id and a
         // span carrying it.
         .layer(mesh_telemetry::RequestIdLayer)

@@ -119,6 +119,7 @@ fn config(grace: Duration, max_request_bytes: usize) -> ServerConfig {
     ServerConfig {
         max_request_bytes,
         grace_period: grace,
+        ..ServerConfig::default()
     }
 }
 
@@ -286,4 +287,27 @@ async fn grace_period_bounds_the_drain() {
         .expect("task")
         .expect_err("the stuck call was cut off");
     assert_eq!(cut.code(), Code::Unavailable, "{cut:?}");
+}
+
+/// A connection older than the maximum age is sent away (GOAWAY) and closed, so clients
+/// reconnect — and spread over new pods; a younger one stays open.
+#[tokio::test]
+async fn old_connections_are_sent_away() {
+    let mut aging = config(Duration::from_secs(5), 4 * 1024 * 1024);
+    aging.max_connection_age = Duration::from_millis(200);
+    aging.max_connection_age_grace = Duration::from_millis(200);
+    for (config, closes) in [
+        (aging, true),
+        (config(Duration::from_secs(5), 4 * 1024 * 1024), false),
+    ] {
+        let harness = start(config, true).await;
+        let tcp = tokio::net::TcpStream::connect(harness.server.addr)
+            .await
+            .expect("connect");
+        let (_send, connection) = h2::client::handshake(tcp).await.expect("handshake");
+        let wait = if closes { 20 } else { 1 };
+        let ended = tokio::time::timeout(Duration::from_secs(wait), connection).await;
+        assert_eq!(ended.is_ok(), closes, "closed by the server: {ended:?}");
+        harness.server.shutdown().await.expect("stops");
+    }
 }

@@ -9,20 +9,22 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
-use mesh_authn::{AuthnConfig, Claims};
 use mesh_proto::users::v1::{
-    BatchGetUsersRequest, CreateUserRequest, GetUserRequest, UpdateUserRequest, User,
-    WatchUsersRequest, user_service_client::UserServiceClient,
+    BatchGetUsersRequest, GetUserRequest, UpdateUserRequest, User, WatchUsersRequest,
+    user_service_client::UserServiceClient,
 };
 use mesh_token::KeyRing;
 use tokio::sync::oneshot;
 use tokio_stream::StreamExt as _;
-use tonic::{Request, transport::Channel};
 
-use super::{BenchArgs, BenchError, channels, drive, json, summarize};
+use super::{
+    BenchArgs, BenchError, channels, drive,
+    fixtures::{bearer, channels_one, populate, setup, start_auth, start_users, unix_ms_now},
+    json, summarize,
+};
 
 /// Profiles created before measuring.
 const POPULATION: usize = 1000;
@@ -30,108 +32,6 @@ const POPULATION: usize = 1000;
 const BATCH: usize = 100;
 /// The `GetUser` concurrencies measured.
 const GET_CONCURRENCY: [usize; 3] = [1, 16, 64];
-
-fn setup(e: impl std::fmt::Display) -> BenchError {
-    BenchError::Setup(e.to_string())
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-fn unix_ms_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-fn bearer<T>(token: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    if let Ok(value) = format!("Bearer {token}").parse() {
-        request.metadata_mut().insert("authorization", value);
-    }
-    request
-}
-
-/// A server task on a loopback port and the means to stop it.
-struct Running {
-    addr: std::net::SocketAddr,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn loopback() -> Result<(tokio::net::TcpListener, std::net::SocketAddr), BenchError> {
-    let listener = mesh_runtime::bind(([127, 0, 0, 1], 0).into())
-        .await
-        .map_err(setup)?;
-    let addr = listener.local_addr().map_err(setup)?;
-    Ok((listener, addr))
-}
-
-async fn start_auth(data: &std::path::Path) -> Result<Running, BenchError> {
-    let (listener, addr) = loopback().await?;
-    let config = mesh_auth::Config::new(addr, data.to_owned());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        if let Err(err) = mesh_auth::serve(&config, listener, async {
-            let _ = stopped.await;
-        })
-        .await
-        {
-            eprintln!("auth failed: {err}");
-        }
-    });
-    Ok(Running { addr, stop, task })
-}
-
-async fn start_users(
-    data: &std::path::Path,
-    auth: std::net::SocketAddr,
-    database_url: Option<String>,
-) -> Result<Running, BenchError> {
-    let (listener, addr) = loopback().await?;
-    let authn = AuthnConfig::new(format!("http://{auth}").parse().map_err(setup)?);
-    let mut config = mesh_users::Config::new(addr, data.to_owned(), authn);
-    config.database_url = database_url;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        if let Err(err) = mesh_users::serve(&config, listener, async {
-            let _ = stopped.await;
-        })
-        .await
-        {
-            eprintln!("users failed: {err}");
-        }
-    });
-    Ok(Running { addr, stop, task })
-}
-
-/// A user id and a token for it.
-#[derive(Clone)]
-struct Caller {
-    id: String,
-    token: String,
-}
-
-fn mint(ring: &KeyRing, sub: &str) -> String {
-    let now = unix_now();
-    ring.sign(&Claims {
-        iss: "mesh-auth".into(),
-        aud: vec!["mesh".into()],
-        sub: sub.into(),
-        email: Some(format!("{sub}@bench.example")),
-        sid: Some(sub.into()),
-        iat: now,
-        nbf: now,
-        // Long enough for any run.
-        exp: now + 3600,
-        jti: sub.into(),
-    })
-}
 
 pub(super) async fn users(args: BenchArgs) -> Result<(), BenchError> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -141,55 +41,11 @@ pub(super) async fn users(args: BenchArgs) -> Result<(), BenchError> {
     // population of users without paying an Argon2id hash for each.
     let (ring, _) = KeyRing::load_or_create_dev_key(&data.join("auth").join("dev-signing-key.pem"))
         .map_err(setup)?;
-    let auth = start_auth(&data).await?;
+    let auth = start_auth(&data, Vec::new()).await?;
     let users = start_users(&data, auth.addr, args.database_url.clone()).await?;
     let channels = Arc::new(channels(users.addr, args.connections).await?);
 
-    // The population, created concurrently.
-    let population: Vec<Caller> = (0..POPULATION)
-        .map(|_| {
-            let id = uuid::Uuid::now_v7().to_string();
-            Caller {
-                token: mint(&ring, &id),
-                id,
-            }
-        })
-        .collect();
-    let population = Arc::new(population);
-    let next = Arc::new(AtomicUsize::new(0));
-    let creators: Vec<_> = (0..16)
-        .map(|worker| {
-            let (population, next, channel) = (
-                population.clone(),
-                next.clone(),
-                channels[worker % channels.len()].clone(),
-            );
-            tokio::spawn(async move {
-                let mut client = UserServiceClient::new(channel);
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(caller) = population.get(i) else {
-                        return Ok(());
-                    };
-                    let request = CreateUserRequest {
-                        user: Some(User {
-                            display_name: format!("Bench user {i}"),
-                            bio: "A profile made by mesh bench users.".into(),
-                            ..User::default()
-                        }),
-                        request_id: String::new(),
-                    };
-                    client
-                        .create_user(bearer(&caller.token, request))
-                        .await
-                        .map_err(|e| format!("create: {e}"))?;
-                }
-            })
-        })
-        .collect();
-    for creator in creators {
-        creator.await.map_err(setup)?.map_err(BenchError::Setup)?;
-    }
+    let population = populate(&ring, &channels, POPULATION).await?;
     let reader = population[0].token.clone();
 
     // GetUser at a few concurrencies, ids spread over the population.
@@ -310,10 +166,8 @@ pub(super) async fn users(args: BenchArgs) -> Result<(), BenchError> {
         elapsed,
     );
 
-    for server in [users, auth] {
-        let _ = server.stop.send(());
-        let _ = server.task.await;
-    }
+    users.stop().await;
+    auth.stop().await;
     let _ = std::fs::remove_dir_all(&data);
 
     let backend = if args.database_url.is_some() {
@@ -373,11 +227,4 @@ pub(super) async fn users(args: BenchArgs) -> Result<(), BenchError> {
         json(&delay),
     );
     super::write_report(&args.results, "users.json", &report)
-}
-
-async fn channels_one(addr: std::net::SocketAddr) -> Result<Channel, BenchError> {
-    channels(addr, 1)
-        .await?
-        .pop()
-        .ok_or_else(|| BenchError::Setup("no channel".into()))
 }
