@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""Renders every overlay of deploy/k8s with `kubectl kustomize`, validates every object against
+the Kubernetes schemas (kubernetes-validate, strict) and checks the rules the mesh's manifests
+promise: the restricted Pod Security Standard with a read-only root filesystem, resources on
+every container, native gRPC probes on the right port and health names, a drain that fits the
+termination grace period, one pinned image, default-deny NetworkPolicies with only the
+aggregator open to the outside, headless Services for client-side balancing, no Secret in git,
+and per overlay what it adds. Exits non-zero on any failure.
+
+Usage: deploy/k8s/check.py [kubernetes-version]   (run by scripts/test)
+"""
+
+import pathlib
+import subprocess
+import sys
+
+import kubernetes_validate
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parent
+K8S_VERSION = sys.argv[1] if len(sys.argv) > 1 else "1.33.0"
+SERVICES = {
+    "auth": (50052, "mesh.auth.v1.AuthService"),
+    "users": (50053, "mesh.users.v1.UserService"),
+    "aggregator": (50051, "mesh.aggregator.v1.AggregatorService"),
+}
+GRACE_SECONDS = 10  # MESH_GRACE_PERIOD in the base ConfigMap
+
+failures = []
+passed = 0
+
+
+def check(condition, message):
+    global passed
+    if condition:
+        passed += 1
+    else:
+        failures.append(message)
+
+
+def render(overlay):
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(ROOT / "overlays" / overlay)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def of_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+def by_name(docs, kind, name):
+    found = [d for d in of_kind(docs, kind) if d["metadata"]["name"] == name]
+    return found[0] if found else None
+
+
+def workloads(docs):
+    return of_kind(docs, "Deployment") + of_kind(docs, "StatefulSet")
+
+
+def check_common(overlay, docs):
+    where = f"[{overlay}]"
+    for doc in docs:
+        name = f'{where} {doc["kind"]}/{doc["metadata"]["name"]}'
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+            check(True, "")
+        except Exception as err:  # noqa: BLE001 - report any validation failure
+            first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            check(False, f"{name}: invalid for Kubernetes {K8S_VERSION}: {first}")
+        check(
+            doc["metadata"].get("namespace", "mesh") == "mesh" or doc["kind"] == "Namespace",
+            f"{name}: not in namespace mesh",
+        )
+
+    namespace = by_name(docs, "Namespace", "mesh")
+    check(namespace is not None, f"{where} no Namespace mesh")
+    if namespace:
+        labels = namespace["metadata"].get("labels", {})
+        check(
+            labels.get("pod-security.kubernetes.io/enforce") == "restricted",
+            f"{where} namespace does not enforce the restricted Pod Security Standard",
+        )
+    check(not of_kind(docs, "Secret"), f"{where} a Secret is rendered from git")
+
+    for work in workloads(docs):
+        name = f'{where} {work["kind"]}/{work["metadata"]["name"]}'
+        pod = work["spec"]["template"]["spec"]
+        psc = pod.get("securityContext", {})
+        check(psc.get("runAsNonRoot") is True, f"{name}: pod not runAsNonRoot")
+        check(
+            isinstance(psc.get("runAsUser"), int) and psc["runAsUser"] > 0,
+            f"{name}: no numeric non-root runAsUser",
+        )
+        check(
+            psc.get("seccompProfile", {}).get("type") == "RuntimeDefault",
+            f"{name}: seccomp is not RuntimeDefault",
+        )
+        check(pod.get("automountServiceAccountToken") is False, f"{name}: mounts an API token")
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            cname = f'{name} container {container["name"]}'
+            sc = container.get("securityContext", {})
+            check(sc.get("allowPrivilegeEscalation") is False, f"{cname}: privilege escalation")
+            check(sc.get("readOnlyRootFilesystem") is True, f"{cname}: writable root filesystem")
+            check("ALL" in sc.get("capabilities", {}).get("drop", []), f"{cname}: capabilities kept")
+            check(sc.get("privileged") is not True, f"{cname}: privileged")
+            resources = container.get("resources", {})
+            for kind in ("requests", "limits"):
+                for res in ("cpu", "memory"):
+                    check(res in resources.get(kind, {}), f"{cname}: no {res} {kind}")
+            image = container["image"]
+            last = image.rsplit("/", 1)[-1]
+            check(
+                ("@sha256:" in image) or (":" in last and not last.endswith(":latest")),
+                f"{cname}: image {image} is not pinned to a tag or digest",
+            )
+
+    images = set()
+    for service, (port, full_name) in SERVICES.items():
+        deployment = by_name(docs, "Deployment", service)
+        check(deployment is not None, f"{where} no Deployment {service}")
+        if not deployment:
+            continue
+        name = f"{where} Deployment/{service}"
+        pod = deployment["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        images.add(container["image"])
+        check(container.get("args", [None])[0] == service, f"{name}: does not run `mesh {service}`")
+        ports = [p["containerPort"] for p in container.get("ports", [])]
+        check(port in ports, f"{name}: does not expose {port}")
+        expected = {
+            "livenessProbe": "liveness",
+            "readinessProbe": full_name,
+            "startupProbe": "liveness",
+        }
+        for probe, health_name in expected.items():
+            grpc = container.get(probe, {}).get("grpc")
+            check(grpc is not None, f"{name}: {probe} is not a native grpc probe")
+            if grpc:
+                check(grpc.get("port") == port, f"{name}: {probe} on port {grpc.get('port')}")
+                check(
+                    grpc.get("service") == health_name,
+                    f"{name}: {probe} asks for {grpc.get('service')!r}, not {health_name!r}",
+                )
+        pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {})
+        pause = pre_stop.get("seconds", 0)
+        check(pause > 0, f"{name}: no preStop pause before the drain")
+        grace = pod.get("terminationGracePeriodSeconds", 30)
+        check(
+            grace > pause + GRACE_SECONDS,
+            f"{name}: terminationGracePeriodSeconds {grace} does not cover the pause and drain",
+        )
+        env = {e["name"]: e for e in container.get("env", [])}
+        check(env.get("OTEL_SERVICE_NAME", {}).get("value") == service, f"{name}: service name")
+        for e in container.get("env", []):
+            if any(word in e["name"] for word in ("SECRET", "DATABASE_URL", "CLIENTS")):
+                check("valueFrom" in e, f"{name}: {e['name']} is a literal, not from a Secret")
+    check(len(images) == 1, f"{where} the services run different images: {images}")
+
+    for service in ("auth", "users"):
+        headless = by_name(docs, "Service", f"{service}-headless")
+        check(
+            headless is not None and headless["spec"].get("clusterIP") == "None",
+            f"{where} no headless Service for {service}",
+        )
+    configs = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"].startswith("mesh-config")]
+    check(len(configs) == 1, f"{where} expected one mesh-config ConfigMap")
+    if configs:
+        data = configs[0]["data"]
+        check(data.get("MESH_AUTH_URL", "").startswith("http://auth-headless"), f"{where} auth URL")
+        check(data.get("MESH_USERS_URL", "").startswith("http://users-headless"), f"{where} users URL")
+        check(data.get("MESH_GRACE_PERIOD") == f"{GRACE_SECONDS}s", f"{where} grace period")
+        check("OTEL_EXPORTER_OTLP_ENDPOINT" in data, f"{where} no OTLP endpoint")
+
+    policies = of_kind(docs, "NetworkPolicy")
+    deny = [
+        p for p in policies
+        if p["spec"].get("podSelector") == {}
+        and set(p["spec"].get("policyTypes", [])) == {"Ingress", "Egress"}
+        and not p["spec"].get("ingress") and not p["spec"].get("egress")
+    ]
+    check(len(deny) == 1, f"{where} no default-deny NetworkPolicy")
+    open_to_all = []
+    for policy in policies:
+        selector = policy["spec"].get("podSelector", {}).get("matchLabels", {})
+        for rule in policy["spec"].get("ingress", []):
+            if not rule.get("from"):
+                open_to_all.append(selector.get("app.kubernetes.io/name"))
+    check(open_to_all == ["aggregator"], f"{where} open to everyone: {open_to_all}")
+
+    def ingress_from(service):
+        policy = by_name(docs, "NetworkPolicy", service)
+        sources = set()
+        for rule in (policy or {}).get("spec", {}).get("ingress", []):
+            for peer in rule.get("from", []):
+                sources.add(peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name"))
+        return sources
+
+    check(ingress_from("auth") == {"users", "aggregator"}, f"{where} auth ingress: {ingress_from('auth')}")
+    check(ingress_from("users") == {"aggregator"}, f"{where} users ingress: {ingress_from('users')}")
+
+
+def check_dev(docs):
+    postgres = by_name(docs, "StatefulSet", "postgres")
+    check(postgres is not None and postgres["spec"].get("volumeClaimTemplates"), "[dev] PostgreSQL with a PVC")
+    check(by_name(docs, "Deployment", "otel-collector") is not None, "[dev] no OpenTelemetry Collector")
+    check(by_name(docs, "Deployment", "jaeger") is not None, "[dev] no Jaeger")
+    for service in SERVICES:
+        deployment = by_name(docs, "Deployment", service)
+        check(deployment and deployment["spec"]["replicas"] == 1, f"[dev] {service} is not one replica")
+
+
+def check_prod(docs):
+    hpa = by_name(docs, "HorizontalPodAutoscaler", "aggregator")
+    check(hpa is not None and hpa["spec"]["minReplicas"] >= 2, "[prod] no HPA for the aggregator")
+    aggregator = by_name(docs, "Service", "aggregator")
+    check(aggregator and aggregator["spec"].get("type") == "LoadBalancer", "[prod] aggregator not exposed")
+    for service in SERVICES:
+        deployment = by_name(docs, "Deployment", service)
+        check(deployment and deployment["spec"]["replicas"] >= 2, f"[prod] {service}: one replica")
+        pod = deployment["spec"]["template"]["spec"] if deployment else {}
+        check(pod.get("topologySpreadConstraints"), f"[prod] {service}: no topology spread")
+        check(by_name(docs, "PodDisruptionBudget", service) is not None, f"[prod] {service}: no PDB")
+    check(by_name(docs, "StatefulSet", "postgres") is None, "[prod] runs its own PostgreSQL")
+
+
+def main():
+    for overlay, extra in (("dev", check_dev), ("prod", check_prod)):
+        docs = render(overlay)
+        check_common(overlay, docs)
+        extra(docs)
+    for failure in failures:
+        print(f"FAIL {failure}")
+    print(f"deploy checks: {passed} passed, {len(failures)} failed (Kubernetes {K8S_VERSION})")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
