@@ -101,7 +101,14 @@ pub fn balanced_channel_with(uri: &Uri, every: Duration, resolve: Resolve) -> Ch
             if changes.is_closed() {
                 return;
             }
-            tokio::time::sleep(every).await;
+            // Until there is an endpoint (e.g. the service's pods are not ready yet), look
+            // again soon.
+            let wait = if current.is_empty() {
+                every.min(Duration::from_secs(1))
+            } else {
+                every
+            };
+            tokio::time::sleep(wait).await;
         }
     });
     channel
