@@ -1528,3 +1528,72 @@ async fn lagging_subscribers_are_caught_up_from_users_log() {
     }
     mesh.stop().await;
 }
+
+/// The relay renews its service token before it expires: with 2-second tokens and no leeway at
+/// users, a replay opened after the first token has expired still works.
+#[tokio::test]
+async fn the_relay_renews_its_service_token() {
+    let data = tempfile::tempdir().expect("data");
+    let ring = dev_key(data.path());
+    let mut auth_config = mesh_auth::Config::new(([127, 0, 0, 1], 0).into(), data.path().into());
+    auth_config.access_token_ttl = Duration::from_secs(2);
+    auth_config.service_clients = vec![
+        format!("aggregator=plain:{CLIENT_SECRET}")
+            .parse()
+            .expect("client"),
+    ];
+    let auth = TestServer::start(move |listener, shutdown| async move {
+        mesh_auth::serve(&auth_config, listener, shutdown).await
+    })
+    .await;
+    let mut config = users_config(data.path(), auth.addr);
+    config.authn.leeway = Duration::ZERO;
+    let users = TestServer::start(move |listener, shutdown| async move {
+        mesh_users::serve(&config, listener, shutdown).await
+    })
+    .await;
+    let aggregator = start_aggregator(auth.addr, users.addr).await;
+    let id = uuid::Uuid::now_v7().to_string();
+    let token = mint(&ring, &id, Some("t@example.com"));
+    UserServiceClient::new(users.channel.clone())
+        .create_user(bearer(
+            &token,
+            users::CreateUserRequest {
+                user: Some(users::User {
+                    display_name: "T".into(),
+                    ..users::User::default()
+                }),
+                request_id: String::new(),
+            },
+        ))
+        .await
+        .expect("create");
+    let service = mint(&ring, "service:test", None);
+    let mut client = AggregatorServiceClient::new(aggregator.channel.clone());
+    let open = |client: &mut AggregatorServiceClient<Channel>| {
+        let mut client = client.clone();
+        let service = service.clone();
+        async move {
+            client
+                .watch_profiles(bearer(
+                    &service,
+                    WatchProfilesRequest {
+                        after_sequence: Some(0),
+                    },
+                ))
+                .await
+        }
+    };
+    let mut first = open(&mut client).await.expect("replay").into_inner();
+    assert_eq!(take(&mut first, 1).await[0].sequence, 1);
+    // Well past the first token's expiry.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let mut later = open(&mut client)
+        .await
+        .expect("a replay with a renewed token")
+        .into_inner();
+    assert_eq!(take(&mut later, 1).await[0].sequence, 1);
+    aggregator.shutdown().await.expect("stops");
+    users.shutdown().await.expect("stops");
+    auth.shutdown().await.expect("stops");
+}

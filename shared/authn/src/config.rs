@@ -1,6 +1,8 @@
 //! Where a server finds auth and what its tokens must say: flags with environment-variable
 //! fallbacks, shared by every server that verifies bearer tokens.
 
+use std::time::Duration;
+
 use http::Uri;
 use tonic::transport::Channel;
 
@@ -32,6 +34,11 @@ pub struct AuthnConfig {
         default_value = "mesh"
     )]
     pub audience: String,
+
+    /// Clock skew allowed on the `exp` and `nbf` of accepted tokens.
+    #[arg(long = "token-leeway", env = "MESH_TOKEN_LEEWAY", default_value = "30s",
+          value_parser = mesh_runtime::parse_duration)]
+    pub leeway: Duration,
 }
 
 /// Accepts `http://host:port` URLs (plaintext HTTP/2 inside the cluster; the mesh is built
@@ -53,6 +60,7 @@ impl AuthnConfig {
             auth_url,
             issuer: "mesh-auth".to_owned(),
             audience: "mesh".to_owned(),
+            leeway: Duration::from_secs(30),
         }
     }
 
@@ -65,6 +73,7 @@ impl AuthnConfig {
     /// A key cache for this configuration, on a fresh [`AuthnConfig::channel`].
     pub fn jwks_cache(&self) -> JwksCache {
         JwksCache::new(self.channel(), self.issuer.clone(), self.audience.clone())
+            .with_leeway(self.leeway)
     }
 }
 

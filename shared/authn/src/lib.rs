@@ -79,6 +79,7 @@ pub struct JwksCache {
     /// When keys were last fetched; also serialises fetches.
     last_fetch: Mutex<Option<Instant>>,
     min_refetch: Duration,
+    leeway_secs: i64,
     fetches: std::sync::atomic::AtomicU64,
 }
 
@@ -92,7 +93,7 @@ fn unix_now() -> i64 {
 impl JwksCache {
     /// The default shortest time between two fetches triggered by unknown key ids.
     pub const MIN_REFETCH: Duration = Duration::from_secs(5);
-    /// Clock skew allowed on `exp` and `nbf`.
+    /// Clock skew allowed on `exp` and `nbf` by default.
     pub const LEEWAY_SECS: i64 = 30;
 
     /// A cache of the keys of the auth service behind `channel`, for tokens from `issuer` to
@@ -105,8 +106,15 @@ impl JwksCache {
             verifier: RwLock::new(None),
             last_fetch: Mutex::new(None),
             min_refetch: Self::MIN_REFETCH,
+            leeway_secs: Self::LEEWAY_SECS,
             fetches: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// The same cache allowing `leeway` of clock skew on `exp` and `nbf`.
+    pub fn with_leeway(mut self, leeway: Duration) -> Self {
+        self.leeway_secs = i64::try_from(leeway.as_secs()).unwrap_or(i64::MAX);
+        self
     }
 
     /// The same cache with another bound between fetches triggered by unknown key ids.
@@ -139,7 +147,7 @@ impl JwksCache {
             .into_inner();
         let jwks = Jwks::from_json(&reply.jwks_json)
             .map_err(|_| AuthnError::KeysUnavailable(Status::internal("bad JWKS document")))?;
-        let verifier = Verifier::new(&jwks, &self.issuer, &self.audience, Self::LEEWAY_SECS)
+        let verifier = Verifier::new(&jwks, &self.issuer, &self.audience, self.leeway_secs)
             .map_err(|_| AuthnError::KeysUnavailable(Status::internal("bad key in JWKS")))?;
         tracing::info!(keys = jwks.keys.len(), "fetched auth's signing keys");
         *self.verifier.write().await = Some(verifier);
