@@ -54,6 +54,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub watch_buffer: u32,
 
+    /// `WatchProfiles` streams one aggregator process serves at once; one more is
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MESH_AGGREGATOR_MAX_WATCH_STREAMS", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_watch_streams: u32,
+
     /// How often the reachability of auth and users is checked (the aggregator is
     /// NOT_SERVING while either is unreachable).
     #[arg(long, env = "MESH_AGGREGATOR_DEPENDENCY_CHECK_INTERVAL", default_value = "1s",
@@ -78,6 +84,7 @@ impl Config {
             client_id: "aggregator".to_owned(),
             client_secret: None,
             watch_buffer: 1024,
+            max_watch_streams: 20_000,
             server: ServerConfig::default(),
         }
     }

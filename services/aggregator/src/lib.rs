@@ -105,18 +105,19 @@ pub async fn serve(
         downstream.clone(),
         token,
         usize::try_from(config.watch_buffer).unwrap_or(1024),
+        usize::try_from(config.max_watch_streams).unwrap_or(usize::MAX),
         lifecycle.drain().clone(),
     );
     let keys = Arc::new(config.authn.jwks_cache());
     let handlers = AggregatorServer::new(downstream.clone(), fanout, config.default_deadline);
-    let service = AuthLayer::new(keys, PUBLIC_METHODS)
-        .layer(handlers.into_service(config.server.max_request_bytes));
+    let service = AuthLayer::new(keys, PUBLIC_METHODS).layer(handlers.into_service(&config.server));
     let dependencies = tokio::spawn(watch_dependencies(
         downstream,
         lifecycle.health().clone(),
         config.dependency_check_interval,
     ));
-    let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::AGGREGATOR);
+    let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::AGGREGATOR)
+        .long_lived(&["WatchProfiles", "LookupProfiles"]);
     let served = mesh_runtime::serve(listener, spec, &lifecycle, &config.server, shutdown).await;
     dependencies.abort();
     fanout_task.abort();

@@ -161,9 +161,15 @@ impl AggregatorServer {
         }
     }
 
-    /// The tonic service, accepting request messages up to `max_request_bytes`.
-    pub fn into_service(self, max_request_bytes: usize) -> AggregatorServiceServer<Self> {
-        AggregatorServiceServer::new(self).max_decoding_message_size(max_request_bytes)
+    /// The tonic service, accepting request messages up to `limits.max_request_bytes` and
+    /// sending responses up to `limits.max_response_bytes`.
+    pub fn into_service(
+        self,
+        limits: &mesh_runtime::ServerConfig,
+    ) -> AggregatorServiceServer<Self> {
+        AggregatorServiceServer::new(self)
+            .max_decoding_message_size(limits.max_request_bytes)
+            .max_encoding_message_size(limits.max_response_bytes)
     }
 
     fn context<T>(&self, request: &Request<T>) -> CallContext {

@@ -121,6 +121,8 @@ pub(crate) struct Fanout {
     token: Arc<ServiceToken>,
     downstream: Arc<Downstreams>,
     drain: Drain,
+    /// The most subscribers at once.
+    max_subscribers: usize,
 }
 
 fn profile_event(event: UserEvent) -> ProfileEvent {
@@ -174,6 +176,7 @@ impl Fanout {
         downstream: Arc<Downstreams>,
         token: Arc<ServiceToken>,
         buffer: usize,
+        max_subscribers: usize,
         drain: Drain,
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let (tx, _) = broadcast::channel(buffer.max(1));
@@ -183,6 +186,7 @@ impl Fanout {
             token,
             downstream,
             drain,
+            max_subscribers,
         });
         let task = tokio::spawn(fanout.clone().upstream());
         (fanout, task)
@@ -264,6 +268,13 @@ impl Fanout {
         {
             return Err(Status::invalid_argument(format!(
                 "after_sequence must not be negative (got {after})"
+            )));
+        }
+        if self.subscribers() >= self.max_subscribers {
+            return Err(Status::resource_exhausted(format!(
+                "this aggregator serves its maximum of {} WatchProfiles streams; retry later \
+                 or elsewhere",
+                self.max_subscribers
             )));
         }
         let rx = self.tx.subscribe();

@@ -110,6 +110,14 @@ async fn start_users_on(
 }
 
 async fn start_aggregator(auth: std::net::SocketAddr, users: std::net::SocketAddr) -> TestServer {
+    start_aggregator_with(auth, users, |_| {}).await
+}
+
+async fn start_aggregator_with(
+    auth: std::net::SocketAddr,
+    users: std::net::SocketAddr,
+    tweak: impl FnOnce(&mut mesh_aggregator::Config),
+) -> TestServer {
     let authn = AuthnConfig::new(format!("http://{auth}").parse().expect("url"));
     let mut config = mesh_aggregator::Config::new(
         ([127, 0, 0, 1], 0).into(),
@@ -119,6 +127,7 @@ async fn start_aggregator(auth: std::net::SocketAddr, users: std::net::SocketAdd
     config.client_secret = Some(CLIENT_SECRET.into());
     config.dependency_check_interval = Duration::from_millis(100);
     config.watch_buffer = 16;
+    tweak(&mut config);
     let server = TestServer::start(move |listener, shutdown| async move {
         mesh_aggregator::serve(&config, listener, shutdown).await
     })
@@ -1593,6 +1602,67 @@ async fn the_relay_renews_its_service_token() {
         .expect("a replay with a renewed token")
         .into_inner();
     assert_eq!(take(&mut later, 1).await[0].sequence, 1);
+    aggregator.shutdown().await.expect("stops");
+    users.shutdown().await.expect("stops");
+    auth.shutdown().await.expect("stops");
+}
+
+/// The aggregator serves at most `--max-watch-streams` WatchProfiles streams; one more is
+/// RESOURCE_EXHAUSTED, and a place that frees up can be taken again.
+#[tokio::test]
+async fn watch_streams_are_capped() {
+    let data = tempfile::tempdir().expect("data");
+    let ring = dev_key(data.path());
+    let auth = start_auth(data.path()).await;
+    let users = start_users_on(([127, 0, 0, 1], 0).into(), data.path(), auth.addr).await;
+    let aggregator =
+        start_aggregator_with(auth.addr, users.addr, |c| c.max_watch_streams = 3).await;
+    let service = mint(&ring, "service:test", None);
+    let client = AggregatorServiceClient::new(aggregator.channel.clone());
+    let open = || {
+        let mut client = client.clone();
+        let service = service.clone();
+        async move {
+            client
+                .watch_profiles(bearer(
+                    &service,
+                    WatchProfilesRequest {
+                        after_sequence: None,
+                    },
+                ))
+                .await
+        }
+    };
+    let mut streams = Vec::new();
+    while streams.len() < 3 {
+        match open().await {
+            Ok(stream) => streams.push(stream.into_inner()),
+            Err(status) if status.code() == Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("watch: {status:?}"),
+        }
+    }
+    let refused = assert_code(open().await, Code::ResourceExhausted);
+    assert!(refused.message().contains("maximum of 3"), "{refused:?}");
+    drop(streams.pop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match open().await {
+            Ok(stream) => {
+                streams.push(stream.into_inner());
+                break;
+            }
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the place never freed up"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("watch: {status:?}"),
+        }
+    }
     aggregator.shutdown().await.expect("stops");
     users.shutdown().await.expect("stops");
     auth.shutdown().await.expect("stops");

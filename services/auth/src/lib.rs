@@ -89,8 +89,7 @@ pub async fn serve(
     let hasher = domain::PasswordHasher::new(parallelism)
         .await
         .map_err(|e| Error::Hasher(e.to_string()))?;
-    let service = AuthServer::new(issuer, clients, store, hasher)
-        .into_service(config.server.max_request_bytes);
+    let service = AuthServer::new(issuer, clients, store, hasher).into_service(&config.server);
     // Ready once the keys are loaded and the database is migrated.
     lifecycle.health().set_ready(true);
     let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::AUTH);

@@ -100,9 +100,12 @@ impl AuthServer {
         }
     }
 
-    /// The tonic service, accepting request messages up to `max_request_bytes`.
-    pub fn into_service(self, max_request_bytes: usize) -> AuthServiceServer<Self> {
-        AuthServiceServer::new(self).max_decoding_message_size(max_request_bytes)
+    /// The tonic service, accepting request messages up to `limits.max_request_bytes` and
+    /// sending responses up to `limits.max_response_bytes`.
+    pub fn into_service(self, limits: &mesh_runtime::ServerConfig) -> AuthServiceServer<Self> {
+        AuthServiceServer::new(self)
+            .max_decoding_message_size(limits.max_request_bytes)
+            .max_encoding_message_size(limits.max_response_bytes)
     }
 
     /// How many password hash operations are queued or running (for metrics).

@@ -90,13 +90,13 @@ pub async fn serve(
     );
     let keys = Arc::new(config.authn.jwks_cache());
     let handlers = UsersServer::new(store, page_tokens, feed, lifecycle.drain().clone());
-    let service =
-        AuthLayer::new(keys, &[]).layer(handlers.into_service(config.server.max_request_bytes));
+    let service = AuthLayer::new(keys, &[]).layer(handlers.into_service(&config.server));
     // Ready once the database is migrated. Tokens are verified with auth's keys, fetched on
     // first use: a call that arrives while auth is unreachable is UNAVAILABLE, not a reason to
     // leave the endpoints.
     lifecycle.health().set_ready(true);
-    let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::USERS);
+    let spec =
+        ServiceSpec::new(service, mesh_proto::descriptor_sets::USERS).long_lived(&["WatchUsers"]);
     let served = mesh_runtime::serve(listener, spec, &lifecycle, &config.server, shutdown).await;
     feed_task.abort();
     Ok(served?)

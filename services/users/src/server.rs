@@ -162,9 +162,12 @@ impl UsersServer {
         }
     }
 
-    /// The tonic service, accepting request messages up to `max_request_bytes`.
-    pub fn into_service(self, max_request_bytes: usize) -> UserServiceServer<Self> {
-        UserServiceServer::new(self).max_decoding_message_size(max_request_bytes)
+    /// The tonic service, accepting request messages up to `limits.max_request_bytes` and
+    /// sending responses up to `limits.max_response_bytes`.
+    pub fn into_service(self, limits: &mesh_runtime::ServerConfig) -> UserServiceServer<Self> {
+        UserServiceServer::new(self)
+            .max_decoding_message_size(limits.max_request_bytes)
+            .max_encoding_message_size(limits.max_response_bytes)
     }
 
     async fn create(&self, request: Request<CreateUserRequest>) -> Result<ProtoUser, UsersError> {

@@ -30,6 +30,23 @@ pub struct ServerConfig {
     #[arg(long, env = "MESH_MAX_CONNECTION_AGE_GRACE", default_value = "1m",
           value_parser = parse_duration)]
     pub max_connection_age_grace: Duration,
+
+    /// Calls of the service handled at once (long-lived streams not counted); one more is
+    /// answered RESOURCE_EXHAUSTED at once rather than queued. Health and reflection are never
+    /// refused.
+    #[arg(long, env = "MESH_CONCURRENCY_LIMIT", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub concurrency_limit: u32,
+
+    /// HTTP/2 streams one client connection may have open at once.
+    #[arg(long, env = "MESH_MAX_CONCURRENT_STREAMS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_concurrent_streams: u32,
+
+    /// Largest response message sent, in bytes.
+    #[arg(long, env = "MESH_MAX_RESPONSE_BYTES", default_value_t = DEFAULT_MAX_REQUEST_BYTES,
+          value_parser = parse_max_request_bytes)]
+    pub max_response_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -39,6 +56,9 @@ impl Default for ServerConfig {
             grace_period: Duration::from_secs(10),
             max_connection_age: Duration::from_secs(600),
             max_connection_age_grace: Duration::from_secs(60),
+            concurrency_limit: 512,
+            max_concurrent_streams: 1000,
+            max_response_bytes: DEFAULT_MAX_REQUEST_BYTES,
         }
     }
 }

@@ -9,12 +9,13 @@
 use std::{
     future::Future as _,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tower::{Layer, Service};
 
@@ -109,19 +110,40 @@ impl Drop for Guard {
     }
 }
 
-/// A tower layer counting the calls of the server's own service in an [`InFlight`].
+/// Load shedding: at most `limit` calls of the service at once, not counting its long-lived
+/// streaming methods; one more is answered `RESOURCE_EXHAUSTED` at once instead of queueing.
+#[derive(Debug, Clone)]
+pub struct Shed {
+    permits: Arc<Semaphore>,
+    /// Full paths (`/package.Service/Method`) of the methods not limited.
+    exempt: Arc<[String]>,
+}
+
+impl Shed {
+    /// At most `limit` calls at once, except those to the `exempt` full paths.
+    pub fn new(limit: usize, exempt: Vec<String>) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(limit.max(1))),
+            exempt: exempt.into(),
+        }
+    }
+}
+
+/// A tower layer counting the calls of the server's own service in an [`InFlight`], and
+/// shedding those beyond the bound of a [`Shed`].
 ///
-/// Health and reflection calls are not counted: a health `Watch` must not hold the drain open,
-/// and neither is work a caller would miss.
+/// Health and reflection calls are neither counted nor shed: a health `Watch` must not hold the
+/// drain open, and probes must be answered even under overload.
 #[derive(Debug, Clone)]
 pub struct InFlightLayer {
     in_flight: InFlight,
+    shed: Option<Shed>,
 }
 
 impl InFlightLayer {
-    /// Counts into `in_flight`.
-    pub fn new(in_flight: InFlight) -> Self {
-        Self { in_flight }
+    /// Counts into `in_flight`, and sheds per `shed`.
+    pub fn new(in_flight: InFlight, shed: Option<Shed>) -> Self {
+        Self { in_flight, shed }
     }
 }
 
@@ -132,6 +154,7 @@ impl<S> Layer<S> for InFlightLayer {
         InFlightService {
             inner,
             in_flight: self.in_flight.clone(),
+            shed: self.shed.clone(),
         }
     }
 }
@@ -141,6 +164,11 @@ impl<S> Layer<S> for InFlightLayer {
 pub struct InFlightService<S> {
     inner: S,
     in_flight: InFlight,
+    shed: Option<Shed>,
+}
+
+fn overloaded_status() -> tonic::Status {
+    tonic::Status::resource_exhausted("the server is at its concurrency limit; retry later")
 }
 
 fn is_infrastructure(path: &str) -> bool {
@@ -164,17 +192,39 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        if is_infrastructure(request.uri().path()) {
+        let path = request.uri().path();
+        if is_infrastructure(path) {
             let future = self.inner.call(request);
             return Box::pin(async move {
                 Ok(future.await?.map(|inner| GuardedBody {
                     inner,
                     guard: None,
+                    permit: None,
                     cut_off: None,
                     ended: false,
                 }))
             });
         }
+        let permit = match &self.shed {
+            Some(shed) if !shed.exempt.iter().any(|p| p == path) => {
+                match shed.permits.clone().try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(_) => {
+                        let response = overloaded_status().into_http();
+                        return Box::pin(async move {
+                            Ok(response.map(|inner| GuardedBody {
+                                inner,
+                                guard: None,
+                                permit: None,
+                                cut_off: None,
+                                ended: false,
+                            }))
+                        });
+                    }
+                }
+            }
+            _ => None,
+        };
         let guard = self.in_flight.enter();
         let cut_off = self.in_flight.cut_off.clone();
         let future = self.inner.call(request);
@@ -186,6 +236,7 @@ where
             Ok(response.map(|inner| GuardedBody {
                 inner,
                 guard: Some(guard),
+                permit,
                 cut_off: Some(Box::pin(cut_off.cancelled_owned())),
                 ended: false,
             }))
@@ -198,12 +249,14 @@ fn cut_off_status() -> tonic::Status {
 }
 
 pin_project_lite::pin_project! {
-    /// A response body that holds its call's in-flight count until it is done or dropped, and
-    /// ends early with `UNAVAILABLE` trailers if the call is cut off.
+    /// A response body that holds its call's in-flight count (and its load-shedding permit)
+    /// until it is done or dropped, and ends early with `UNAVAILABLE` trailers if the call is
+    /// cut off.
     pub struct GuardedBody<B> {
         #[pin]
         inner: B,
         guard: Option<Guard>,
+        permit: Option<OwnedSemaphorePermit>,
         cut_off: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
         ended: bool,
     }
@@ -236,6 +289,7 @@ impl<B: Body<Data = bytes::Bytes>> Body for GuardedBody<B> {
             // Cut off by the end of the grace period: finish the call with retryable trailers.
             *this.ended = true;
             this.guard.take();
+            this.permit.take();
             let mut trailers = http::HeaderMap::new();
             if cut_off_status().add_header(&mut trailers).is_ok() {
                 return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
@@ -247,6 +301,7 @@ impl<B: Body<Data = bytes::Bytes>> Body for GuardedBody<B> {
             // The body is complete: the call is no longer in flight.
             *this.ended = true;
             this.guard.take();
+            this.permit.take();
         }
         polled
     }

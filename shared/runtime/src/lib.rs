@@ -24,7 +24,7 @@ pub mod signal;
 pub mod testing;
 
 pub use config::{ServerConfig, parse_duration};
-pub use drain::{Drain, InFlight};
+pub use drain::{Drain, InFlight, Shed};
 pub use health::Health;
 pub use server::{DRAIN_SETTLE, Lifecycle, ServeError, ServiceSpec, bind, serve};
 pub use signal::shutdown_signal;

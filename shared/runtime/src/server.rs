@@ -7,7 +7,7 @@ use tonic::{server::NamedService, service::Routes, transport::server::TcpIncomin
 
 use crate::{
     ServerConfig,
-    drain::{Drain, InFlight, InFlightLayer},
+    drain::{Drain, InFlight, InFlightLayer, Shed},
     health::Health,
     limits::RequestSizeLimitLayer,
 };
@@ -81,6 +81,7 @@ pub struct ServiceSpec {
     name: &'static str,
     descriptor_set: &'static [u8],
     routes: Routes,
+    long_lived: &'static [&'static str],
 }
 
 impl ServiceSpec {
@@ -103,7 +104,15 @@ impl ServiceSpec {
             name: S::NAME,
             descriptor_set,
             routes: Routes::new(svc),
+            long_lived: &[],
         }
+    }
+
+    /// Declares the service's long-lived streaming methods (by name, e.g. `WatchUsers`): they
+    /// are not counted against the concurrency limit.
+    pub fn long_lived(mut self, methods: &'static [&'static str]) -> Self {
+        self.long_lived = methods;
+        self
     }
 }
 
@@ -154,11 +163,24 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .max_connection_age(config.max_connection_age)
         .max_connection_age_grace(config.max_connection_age_grace)
+        .max_concurrent_streams(Some(config.max_concurrent_streams))
+        // Pings idle connections, so dead peers are noticed and their streams freed.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         // Outermost: every call, even one refused by a later layer, gets a request id and a
         // span carrying it.
         .layer(mesh_telemetry::RequestIdLayer)
         // Counts the service's calls, so the drain knows when the last one has finished.
-        .layer(InFlightLayer::new(in_flight.clone()))
+        .layer(InFlightLayer::new(
+            in_flight.clone(),
+            Some(Shed::new(
+                usize::try_from(config.concurrency_limit).unwrap_or(usize::MAX),
+                spec.long_lived
+                    .iter()
+                    .map(|method| format!("/{}/{method}", spec.name))
+                    .collect(),
+            )),
+        ))
         // Innermost: refuses oversized messages before tonic decodes them.
         .layer(RequestSizeLimitLayer::new(max))
         .add_routes(routes)

@@ -102,7 +102,8 @@ async fn start(config: ServerConfig, ready: bool) -> Harness {
         TestServer::start(move |listener, shutdown| async move {
             let service =
                 UserServiceServer::new(svc).max_decoding_message_size(config.max_request_bytes);
-            let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::USERS);
+            let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::USERS)
+                .long_lived(&["WatchUsers"]);
             mesh_runtime::serve(listener, spec, &lifecycle, &config, shutdown).await
         })
         .await
@@ -310,4 +311,83 @@ async fn old_connections_are_sent_away() {
         assert_eq!(ended.is_ok(), closes, "closed by the server: {ended:?}");
         harness.server.shutdown().await.expect("stops");
     }
+}
+
+/// Beyond the concurrency limit, calls are refused at once with RESOURCE_EXHAUSTED instead of
+/// queueing; the accepted ones complete; health and long-lived streams are never refused; and
+/// once calls finish, new ones are accepted again.
+#[tokio::test]
+async fn excess_calls_are_shed_at_once() {
+    let mut limited = config(Duration::from_secs(5), 4 * 1024 * 1024);
+    limited.concurrency_limit = 4;
+    let mut harness = start(limited, true).await;
+    let client = UserServiceClient::new(harness.server.channel.clone());
+    let calls: Vec<_> = (0..20)
+        .map(|n| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .get_user(GetUserRequest {
+                        id: format!("user-{n}"),
+                    })
+                    .await
+            })
+        })
+        .collect();
+    // Four start and hold; the other sixteen are answered while those four still hold.
+    for _ in 0..4 {
+        harness.started.recv().await.expect("started");
+    }
+    let mut shed = 0;
+    let mut held = Vec::new();
+    for call in calls {
+        if call.is_finished() {
+            let status = call.await.expect("task").expect_err("shed");
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+            shed += 1;
+        } else {
+            held.push(call);
+        }
+    }
+    // Calls still on their way are shed too, without waiting for the held ones.
+    let mut still = Vec::new();
+    for mut call in held {
+        match tokio::time::timeout(Duration::from_millis(500), &mut call).await {
+            Ok(result) => {
+                let status = result.expect("task").expect_err("shed");
+                assert_eq!(status.code(), Code::ResourceExhausted);
+                shed += 1;
+            }
+            Err(_) => still.push(call),
+        }
+    }
+    assert_eq!((shed, still.len()), (16, 4), "4 held, 16 shed");
+    assert_eq!(
+        health_status(&harness.server.channel, NAME).await.ok(),
+        Some(SERVING),
+        "health is answered at the limit"
+    );
+    let stream = client
+        .clone()
+        .watch_users(WatchUsersRequest::default())
+        .await
+        .expect_err("the test service does not stream");
+    assert_eq!(
+        stream.code(),
+        Code::Unimplemented,
+        "long-lived streams are not shed"
+    );
+    harness.release.notify_waiters();
+    for call in still {
+        call.await
+            .expect("task")
+            .expect("an accepted call completes");
+    }
+    let mut client = client.clone();
+    let again =
+        tokio::spawn(async move { client.get_user(GetUserRequest { id: "again".into() }).await });
+    harness.started.recv().await.expect("accepted again");
+    harness.release.notify_waiters();
+    again.await.expect("task").expect("completes");
+    harness.server.shutdown().await.expect("stops");
 }
