@@ -28,6 +28,7 @@ use tonic_health::pb::{
 use tower::Layer as _;
 
 pub use config::{Config, DEFAULT_LISTEN, DEFAULT_USERS_URL};
+pub use downstream::{MAX_ATTEMPTS, RETRY_RATIO, RETRY_RESERVE};
 pub use server::{
     AggregatorServer, LOOKUPS_IN_FLIGHT, MAX_PROFILE_IDS, PROFILE_BATCH, PROFILE_BATCHES_IN_FLIGHT,
 };

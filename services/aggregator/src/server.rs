@@ -253,16 +253,21 @@ impl AggregatorServer {
         let as_user = ctx.with_token(pair.access_token.clone());
         // The login has happened: a profile that cannot be read now is left unset rather than
         // failing the call (which would lose the new session's tokens); GetMe reads it again.
-        let profile = match self
-            .inner
-            .downstream
-            .users()
-            .get_user(as_user.request(users::GetUserRequest {
-                id: reply.user_id.clone(),
-            })?)
+        let downstream = &self.inner.downstream;
+        let profile = match as_user
+            .read(
+                downstream.budget(),
+                users::GetUserRequest {
+                    id: reply.user_id.clone(),
+                },
+                |request| {
+                    let mut client = downstream.users();
+                    async move { client.get_user(request).await }
+                },
+            )
             .await
         {
-            Ok(user) => Some(profile_of(user.into_inner(), Some(&reply.user_id))),
+            Ok(user) => Some(profile_of(user, Some(&reply.user_id))),
             Err(status) => {
                 if status.code() != Code::NotFound {
                     tracing::warn!(error = %status, "profile unavailable at login");
@@ -390,25 +395,34 @@ impl AggregatorServer {
     async fn get_me(&self, request: Request<GetMeRequest>) -> Result<GetMeResponse, Status> {
         let claims = user_claims(&request)?;
         let ctx = self.context(&request);
-        let mut users_client = self.inner.downstream.users();
-        let mut auth_client = self.inner.downstream.auth();
-        let profile_request = ctx.request(users::GetUserRequest {
-            id: claims.sub.clone(),
-        })?;
-        let sessions_request = ctx.request(auth::ListSessionsRequest {})?;
+        let downstream = &self.inner.downstream;
+        ctx.remaining()?;
         let (profile, sessions) = tokio::join!(
-            users_client.get_user(profile_request),
-            auth_client.list_sessions(sessions_request),
+            ctx.read(
+                downstream.budget(),
+                users::GetUserRequest {
+                    id: claims.sub.clone(),
+                },
+                |request| {
+                    let mut client = downstream.users();
+                    async move { client.get_user(request).await }
+                },
+            ),
+            ctx.read(
+                downstream.budget(),
+                auth::ListSessionsRequest {},
+                |request| {
+                    let mut client = downstream.auth();
+                    async move { client.list_sessions(request).await }
+                },
+            ),
         );
         let profile = match profile {
-            Ok(user) => Some(profile_of(user.into_inner(), Some(&claims.sub))),
+            Ok(user) => Some(profile_of(user, Some(&claims.sub))),
             Err(status) if status.code() == Code::NotFound => None,
             Err(status) => return Err(relay("users", status)),
         };
-        let sessions = sessions
-            .map_err(|s| relay("auth", s))?
-            .into_inner()
-            .sessions;
+        let sessions = sessions.map_err(|s| relay("auth", s))?.sessions;
         Ok(GetMeResponse {
             profile,
             sessions: sessions.into_iter().map(session_of).collect(),
@@ -516,15 +530,17 @@ async fn batch_results(
     ids: Vec<String>,
     viewer: &str,
 ) -> Vec<ProfileResult> {
-    let reply = match ctx.request(users::BatchGetUsersRequest { ids: ids.clone() }) {
-        Ok(request) => downstream
-            .users()
-            .batch_get_users(request)
-            .await
-            .map(Response::into_inner)
-            .map_err(|s| relay("users", s)),
-        Err(status) => Err(status),
-    };
+    let reply = ctx
+        .read(
+            downstream.budget(),
+            users::BatchGetUsersRequest { ids: ids.clone() },
+            |request| {
+                let mut client = downstream.users();
+                async move { client.batch_get_users(request).await }
+            },
+        )
+        .await
+        .map_err(|s| relay("users", s));
     match reply {
         Ok(reply) => {
             let mut results: Vec<ProfileResult> = reply

@@ -35,7 +35,7 @@ use tokio::{
 use tonic::{Request, Status, Streaming};
 
 use crate::{
-    downstream::{Downstreams, relay},
+    downstream::{Downstreams, jitter, relay},
     server::BoxStream,
 };
 
@@ -305,15 +305,6 @@ impl Fanout {
         });
         Ok(Box::pin(events))
     }
-}
-
-/// Up to a quarter of `base` more, so reconnecting relays do not move in step.
-fn jitter(base: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
 }
 
 /// One `WatchProfiles` stream's state.

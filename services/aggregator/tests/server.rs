@@ -530,6 +530,8 @@ struct UsersDouble {
     calls: Arc<AtomicUsize>,
     /// The metadata of every GetUser call.
     seen: Arc<std::sync::Mutex<Vec<tonic::metadata::MetadataMap>>>,
+    /// GetUser calls still to fail with UNAVAILABLE (`usize::MAX`: all of them).
+    fail_get: Arc<AtomicUsize>,
 }
 
 fn double_user(id: &str) -> users::User {
@@ -560,6 +562,17 @@ impl user_service_server::UserService for UsersDouble {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if let Ok(mut seen) = self.seen.lock() {
             seen.push(request.metadata().clone());
+        }
+        let failing = self
+            .fail_get
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
+                0 => None,
+                usize::MAX => Some(usize::MAX),
+                n => Some(n - 1),
+            })
+            .is_ok();
+        if failing {
+            return Err(Status::unavailable("users double: unavailable"));
         }
         let _guard = InFlight::enter(&self.in_flight, &self.max_in_flight);
         if let Some(barrier) = &self.barrier {
@@ -1663,6 +1676,96 @@ async fn watch_streams_are_capped() {
             Err(status) => panic!("watch: {status:?}"),
         }
     }
+    aggregator.shutdown().await.expect("stops");
+    users.shutdown().await.expect("stops");
+    auth.shutdown().await.expect("stops");
+}
+
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Duration {
+    metadata
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (n, unit) = v.split_at(v.len() - 1);
+            let n: u64 = n.parse().ok()?;
+            Some(match unit {
+                "S" => Duration::from_secs(n),
+                "m" => Duration::from_millis(n),
+                "u" => Duration::from_micros(n),
+                "n" => Duration::from_nanos(n),
+                _ => return None,
+            })
+        })
+        .expect("a grpc-timeout")
+}
+
+/// Reads are retried on UNAVAILABLE within the caller's deadline (each retry gets what is
+/// left), and the shared budget keeps a failing users from seeing much more than one call per
+/// request.
+#[tokio::test]
+async fn reads_are_retried_within_the_deadline_and_the_budget() {
+    let data = tempfile::tempdir().expect("data");
+    let ring = dev_key(data.path());
+    let auth = serve_double(
+        auth_service_server::AuthServiceServer::new(AuthDouble {
+            jwks_json: ring.jwks().to_json(),
+            barrier: Arc::new(Barrier::new(1)),
+        }),
+        mesh_proto::descriptor_sets::AUTH,
+        mesh_proto::service_names::AUTH,
+    )
+    .await;
+    let double = UsersDouble::default();
+    let users = serve_users_double(double.clone()).await;
+    let aggregator = start_aggregator(auth.addr, users.addr).await;
+    let token = mint(
+        &ring,
+        &uuid::Uuid::now_v7().to_string(),
+        Some("r@example.com"),
+    );
+    let mut client = AggregatorServiceClient::new(aggregator.channel.clone());
+
+    // Two failures, then an answer: three attempts, each with less of the caller's 5 s.
+    double.fail_get.store(2, Ordering::SeqCst);
+    let mut request = bearer(&token, GetMeRequest {});
+    request.set_timeout(Duration::from_secs(5));
+    client.get_me(request).await.expect("recovered by retrying");
+    let timeouts: Vec<Duration> = double
+        .seen
+        .lock()
+        .expect("seen")
+        .iter()
+        .map(grpc_timeout)
+        .collect();
+    assert_eq!(timeouts.len(), mesh_aggregator::MAX_ATTEMPTS as usize);
+    assert!(timeouts[0] <= Duration::from_secs(5));
+    assert!(
+        timeouts.windows(2).all(|w| w[1] < w[0]),
+        "retries share the caller's deadline: {timeouts:?}"
+    );
+
+    // Users always failing: 50 requests cost at most 50 calls plus what the budget allows.
+    double.fail_get.store(usize::MAX, Ordering::SeqCst);
+    let before = double.calls.load(Ordering::SeqCst);
+    const REQUESTS: usize = 50;
+    for _ in 0..REQUESTS {
+        let status = client
+            .get_me(bearer(&token, GetMeRequest {}))
+            .await
+            .expect_err("users is down");
+        assert_eq!(status.code(), Code::Unavailable);
+    }
+    let calls = double.calls.load(Ordering::SeqCst) - before;
+    // Each GetMe makes two reads, each earning a fifth of a retry.
+    let allowed = REQUESTS
+        + mesh_aggregator::RETRY_RESERVE as usize
+        + (2.0 * REQUESTS as f64 * mesh_aggregator::RETRY_RATIO) as usize;
+    assert!(calls > REQUESTS, "some retries were made: {calls}");
+    assert!(
+        calls <= allowed,
+        "{calls} calls for {REQUESTS} requests (budget allows {allowed}, unbounded would be {})",
+        REQUESTS * mesh_aggregator::MAX_ATTEMPTS as usize
+    );
     aggregator.shutdown().await.expect("stops");
     users.shutdown().await.expect("stops");
     auth.shutdown().await.expect("stops");
