@@ -59,24 +59,17 @@ async fn watch_dependencies(
     health: Health,
     interval: Duration,
 ) {
-    let mut was = None;
-    loop {
-        let (auth, users) = tokio::join!(
-            serving(downstream.auth_channel(), mesh_proto::service_names::AUTH),
-            serving(downstream.users_channel(), mesh_proto::service_names::USERS),
-        );
-        let ready = auth && users;
-        if was != Some(ready) {
-            if ready {
-                tracing::info!("auth and users are reachable: SERVING");
-            } else {
-                tracing::warn!(auth, users, "a dependency is unreachable: NOT_SERVING");
-            }
-            was = Some(ready);
+    mesh_runtime::health::follow(health, interval, "auth and users", move || {
+        let downstream = downstream.clone();
+        async move {
+            let (auth, users) = tokio::join!(
+                serving(downstream.auth_channel(), mesh_proto::service_names::AUTH),
+                serving(downstream.users_channel(), mesh_proto::service_names::USERS),
+            );
+            auth && users
         }
-        health.set_ready(ready);
-        tokio::time::sleep(interval.max(Duration::from_millis(50))).await;
-    }
+    })
+    .await;
 }
 
 /// Serves the aggregator on `listener` until `shutdown` completes, then drains.

@@ -67,6 +67,26 @@ fn load_keys(config: &Config) -> Result<KeyRing, KeyError> {
     Ok(ring)
 }
 
+/// How often the database is asked whether it answers (health is NOT_SERVING while it does
+/// not).
+pub const DATABASE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Keeps health in step with whether the database answers (within 2 s).
+async fn follow_database(
+    health: mesh_runtime::Health,
+    store: std::sync::Arc<dyn store::AuthStore>,
+) {
+    mesh_runtime::health::follow(health, DATABASE_CHECK_INTERVAL, "database", move || {
+        let store = store.clone();
+        async move {
+            tokio::time::timeout(std::time::Duration::from_secs(2), store.ping())
+                .await
+                .is_ok_and(|pinged| pinged.is_ok())
+        }
+    })
+    .await;
+}
+
 /// The service's fully qualified name, as health checking and reflection spell it.
 pub const SERVICE_NAME: &str = mesh_proto::service_names::AUTH;
 
@@ -89,11 +109,16 @@ pub async fn serve(
     let hasher = domain::PasswordHasher::new(parallelism)
         .await
         .map_err(|e| Error::Hasher(e.to_string()))?;
-    let service = AuthServer::new(issuer, clients, store, hasher).into_service(&config.server);
-    // Ready once the keys are loaded and the database is migrated.
+    let service =
+        AuthServer::new(issuer, clients, store.clone(), hasher).into_service(&config.server);
+    // Ready once the keys are loaded and the database is migrated, and while it answers.
+    // The database was just migrated: ready now, then as the checks find it.
     lifecycle.health().set_ready(true);
+    let database = tokio::spawn(follow_database(lifecycle.health().clone(), store.clone()));
     let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::AUTH);
-    Ok(mesh_runtime::serve(listener, spec, &lifecycle, &config.server, shutdown).await?)
+    let served = mesh_runtime::serve(listener, spec, &lifecycle, &config.server, shutdown).await;
+    database.abort();
+    Ok(served?)
 }
 
 /// Binds `config.listen` and serves until SIGTERM or SIGINT.

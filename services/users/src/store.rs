@@ -161,6 +161,8 @@ pub trait UsersStore: Send + Sync + std::fmt::Debug + 'static {
     async fn events_after(&self, after: i64, limit: i64) -> Result<Vec<Event>, StoreError>;
     /// The newest sequence handed out (0 for an empty log).
     async fn last_sequence(&self) -> Result<i64, StoreError>;
+    /// Whether the database answers (`SELECT 1`).
+    async fn ping(&self) -> Result<(), StoreError>;
     /// The setting `name`: the stored value, or `proposed` if none was stored yet (then stored,
     /// so every replica that asks later gets the same value).
     async fn setting_or_insert(&self, name: &str, proposed: &str) -> Result<String, StoreError>;
@@ -451,6 +453,11 @@ macro_rules! impl_store {
                 .fetch_all(&self.pool)
                 .await?;
                 rows.into_iter().map(event).collect()
+            }
+
+            async fn ping(&self) -> Result<(), StoreError> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
             }
 
             async fn last_sequence(&self) -> Result<i64, StoreError> {

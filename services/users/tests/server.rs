@@ -1347,3 +1347,101 @@ async fn shutdown_ends_watch_streams_with_unavailable() {
     users.join().await.expect("users stops cleanly");
     auth.shutdown().await.expect("auth stops");
 }
+
+/// The database going away (PostgreSQL refusing the service's connections, and those it had
+/// terminated): calls fail with UNAVAILABLE and no driver text, health turns NOT_SERVING, and
+/// both recover when the database comes back — without a restart.
+#[tokio::test]
+async fn the_database_going_away_and_coming_back() {
+    use sqlx::Connection as _;
+    let Some(url) =
+        mesh_store::testing::postgres_for("users_server", "the_database_going_away").await
+    else {
+        return;
+    };
+    let admin_url = std::env::var(mesh_store::testing::PG_ENV).expect("server URL");
+    let database = url
+        .rsplit('/')
+        .next()
+        .and_then(|tail| tail.split('?').next())
+        .expect("database name")
+        .to_owned();
+    let mesh = Mesh::start(&Backend::Postgres(url.clone())).await;
+    let alice = mesh.user();
+    mesh.create(&alice, "Alice").await;
+    let mut admin = sqlx::PgConnection::connect(&admin_url)
+        .await
+        .expect("admin connection");
+    let set_allowed =
+        |allowed: bool| format!("ALTER DATABASE \"{database}\" WITH ALLOW_CONNECTIONS {allowed}");
+    sqlx::query(&set_allowed(false))
+        .execute(&mut admin)
+        .await
+        .expect("refuse connections");
+    let (terminated,): (i64,) = sqlx::query_as(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1",
+    )
+    .bind(&database)
+    .fetch_one(&mut admin)
+    .await
+    .expect("terminate connections");
+    assert!(terminated > 0, "the service had connections to {database}");
+
+    let wait_for = |want: i32| {
+        let channel = mesh.users.channel.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let now = mesh_runtime::testing::health_status(&channel, mesh_users::SERVICE_NAME)
+                    .await
+                    .ok();
+                if now == Some(want) {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "health stayed {now:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    use tonic_health::pb::health_check_response::ServingStatus;
+    wait_for(ServingStatus::NotServing as i32).await;
+
+    let status = mesh
+        .client()
+        .get_user(bearer(
+            &alice.token,
+            GetUserRequest {
+                id: alice.id.clone(),
+            },
+        ))
+        .await
+        .expect_err("no database");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        status.message(),
+        "storage unavailable; retry",
+        "no driver text"
+    );
+
+    sqlx::query(&set_allowed(true))
+        .execute(&mut admin)
+        .await
+        .expect("allow connections");
+    wait_for(ServingStatus::Serving as i32).await;
+    let back = mesh
+        .client()
+        .get_user(bearer(
+            &alice.token,
+            GetUserRequest {
+                id: alice.id.clone(),
+            },
+        ))
+        .await
+        .expect("served again")
+        .into_inner();
+    assert_eq!(back.display_name, "Alice");
+    mesh.stop().await;
+}

@@ -221,3 +221,31 @@ fn once_then_hold(
         .filter_map(|()| std::future::ready(None));
     first.chain(hold)
 }
+
+/// Keeps `health` ready exactly while `check` passes, asking every `interval` (at least 50 ms)
+/// until the task is dropped; logs each change. For the dependencies a server cannot serve
+/// without (its database, or its downstream services).
+pub async fn follow<F, Fut>(
+    health: Health,
+    interval: std::time::Duration,
+    what: &'static str,
+    check: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut was = None;
+    loop {
+        let ok = check().await;
+        if was != Some(ok) {
+            if ok {
+                tracing::info!(dependency = what, "reachable: SERVING");
+            } else {
+                tracing::warn!(dependency = what, "unreachable: NOT_SERVING");
+            }
+            was = Some(ok);
+        }
+        health.set_ready(ok);
+        tokio::time::sleep(interval.max(std::time::Duration::from_millis(50))).await;
+    }
+}

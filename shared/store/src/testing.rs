@@ -27,7 +27,7 @@ pub async fn postgres_for(prefix: &str, test: &str) -> Option<String> {
 /// process and `test`, and drops those that earlier test processes with this prefix left.
 pub async fn fresh_database(admin_url: &str, prefix: &str, test: &str) -> String {
     let run_prefix = format!("mesh_{prefix}_{}_", std::process::id());
-    let name = format!(
+    let mut name = format!(
         "{run_prefix}{}_{}",
         test.chars()
             .filter(char::is_ascii_alphanumeric)
@@ -36,6 +36,8 @@ pub async fn fresh_database(admin_url: &str, prefix: &str, test: &str) -> String
         uuid::Uuid::now_v7().simple()
     )
     .to_lowercase();
+    // PostgreSQL keeps 63 bytes of a name: the URL must name the database as it is stored.
+    name.truncate(63);
     let mut admin = sqlx::PgConnection::connect(admin_url)
         .await
         .expect("connect to the test PostgreSQL server");
