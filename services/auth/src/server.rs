@@ -14,6 +14,7 @@ use mesh_proto::auth::v1::{
     ValidateTokenRequest, ValidateTokenResponse,
     auth_service_server::{AuthService, AuthServiceServer},
 };
+use mesh_proto::time::{timestamp_from_unix_ms as timestamp_ms, unix_now_ms as now_ms};
 use mesh_token::Claims;
 use tonic::{Request, Response, Status};
 
@@ -61,20 +62,6 @@ fn timestamp(unix_seconds: i64) -> prost_types::Timestamp {
         seconds: unix_seconds,
         nanos: 0,
     }
-}
-
-fn timestamp_ms(unix_ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: unix_ms.div_euclid(1000),
-        nanos: i32::try_from(unix_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-    }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 fn lifetime_ms() -> i64 {

@@ -30,26 +30,6 @@ pub use server::{
     UsersServer,
 };
 
-/// How often the database is asked whether it answers (health is NOT_SERVING while it does
-/// not).
-pub const DATABASE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Keeps health in step with whether the database answers (within 2 s).
-async fn follow_database(
-    health: mesh_runtime::Health,
-    store: std::sync::Arc<dyn store::UsersStore>,
-) {
-    mesh_runtime::health::follow(health, DATABASE_CHECK_INTERVAL, "database", move || {
-        let store = store.clone();
-        async move {
-            tokio::time::timeout(std::time::Duration::from_secs(2), store.ping())
-                .await
-                .is_ok_and(|pinged| pinged.is_ok())
-        }
-    })
-    .await;
-}
-
 /// The service's fully qualified name, as health checking and reflection spell it.
 pub const SERVICE_NAME: &str = mesh_proto::service_names::USERS;
 
@@ -116,7 +96,13 @@ pub async fn serve(
     // the endpoints.
     // The database was just migrated: ready now, then as the checks find it.
     lifecycle.health().set_ready(true);
-    let database = tokio::spawn(follow_database(lifecycle.health().clone(), store.clone()));
+    let database = tokio::spawn({
+        let store = store.clone();
+        mesh_runtime::health::follow_database(lifecycle.health().clone(), move || {
+            let store = store.clone();
+            async move { store.ping().await }
+        })
+    });
     let spec =
         ServiceSpec::new(service, mesh_proto::descriptor_sets::USERS).long_lived(&["WatchUsers"]);
     let served = mesh_runtime::serve(listener, spec, &lifecycle, &config.server, shutdown).await;

@@ -7,6 +7,7 @@
 use std::{collections::HashSet, pin::Pin, sync::Arc};
 
 use mesh_authn::Claims;
+use mesh_proto::time::{timestamp_from_unix_ms as timestamp_ms, unix_now_ms as now_ms};
 use mesh_proto::users::v1::{
     BatchGetUsersRequest, BatchGetUsersResponse, CreateUserRequest, DeleteUserRequest,
     DeleteUserResponse, EventKind as ProtoEventKind, GetUserRequest, ListUsersRequest,
@@ -49,20 +50,6 @@ struct Inner {
     page_tokens: PageTokens,
     feed: Arc<Feed>,
     drain: Drain,
-}
-
-fn timestamp_ms(unix_ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: unix_ms.div_euclid(1000),
-        nanos: i32::try_from(unix_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-    }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// `user` as the contract shows it to `viewer`: the e-mail only for its owner.

@@ -65,6 +65,37 @@ pub mod descriptor_sets {
         include_bytes!(concat!(env!("OUT_DIR"), "/aggregator_descriptor.bin"));
 }
 
+/// Times as the services keep them (Unix milliseconds) and as the contracts send them.
+pub mod time {
+    /// `unix_ms` as a `google.protobuf.Timestamp`.
+    pub fn timestamp_from_unix_ms(unix_ms: i64) -> prost_types::Timestamp {
+        prost_types::Timestamp {
+            seconds: unix_ms.div_euclid(1000),
+            nanos: i32::try_from(unix_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+        }
+    }
+
+    /// Now, in Unix milliseconds.
+    pub fn unix_now_ms() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        /// Milliseconds split into seconds and nanoseconds, before the epoch too.
+        #[test]
+        fn timestamps() {
+            let t = super::timestamp_from_unix_ms(1_500);
+            assert_eq!((t.seconds, t.nanos), (1, 500_000_000));
+            let t = super::timestamp_from_unix_ms(-1);
+            assert_eq!((t.seconds, t.nanos), (-1, 999_000_000));
+        }
+    }
+}
+
 /// Fully qualified gRPC service names, as health checking and reflection spell them.
 pub mod service_names {
     /// `mesh.auth.v1.AuthService`.

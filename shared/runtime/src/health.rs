@@ -249,3 +249,24 @@ pub async fn follow<F, Fut>(
         tokio::time::sleep(interval.max(std::time::Duration::from_millis(50))).await;
     }
 }
+
+/// How often [`follow_database`] asks the database whether it answers.
+pub const DATABASE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Keeps `health` ready while `ping` (e.g. `SELECT 1`) succeeds within 2 s, asking every
+/// [`DATABASE_CHECK_INTERVAL`]: a service is NOT_SERVING while its database is away.
+pub async fn follow_database<F, Fut, E>(health: Health, ping: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+{
+    follow(health, DATABASE_CHECK_INTERVAL, "database", move || {
+        let pinged = ping();
+        async move {
+            tokio::time::timeout(std::time::Duration::from_secs(2), pinged)
+                .await
+                .is_ok_and(|pinged| pinged.is_ok())
+        }
+    })
+    .await;
+}
