@@ -1445,3 +1445,94 @@ async fn the_database_going_away_and_coming_back() {
     assert_eq!(back.display_name, "Alice");
     mesh.stop().await;
 }
+
+/// Client-side balancing over real users servers: three on 127.0.0.1, .2 and .3, each with its
+/// own database holding 1, 2 or 3 profiles (so ListUsers tells which one answered), behind one
+/// name. Calls reach all three; when one stops and leaves the name, calls go on without a
+/// failure and none reach it.
+#[tokio::test]
+async fn a_balanced_channel_spreads_over_users_servers() {
+    let mesh = Mesh::start(&Backend::Sqlite).await;
+    let mut servers = vec![(mesh.users.addr, None)];
+    for ip in [[127, 0, 0, 2], [127, 0, 0, 3]] {
+        let data = tempfile::tempdir().expect("data");
+        let authn = AuthnConfig::new(format!("http://{}", mesh.auth.addr).parse().expect("url"));
+        let config = mesh_users::Config::new((ip, 0).into(), data.path().into(), authn);
+        let server = TestServer::start_on((ip, 0).into(), move |listener, shutdown| async move {
+            mesh_users::serve(&config, listener, shutdown).await
+        })
+        .await;
+        servers.push((server.addr, Some((server, data))));
+    }
+    let reader = mesh.user();
+    for (k, (addr, _)) in servers.iter().enumerate() {
+        let mut client = UserServiceClient::new(mesh_runtime::testing::connect(*addr).await);
+        for _ in 0..=k {
+            let caller = mesh.user();
+            client
+                .create_user(bearer(
+                    &caller.token,
+                    CreateUserRequest {
+                        user: profile("P", ""),
+                        request_id: String::new(),
+                    },
+                ))
+                .await
+                .expect("create");
+        }
+    }
+    let resolved = std::sync::Arc::new(std::sync::Mutex::new(
+        servers.iter().map(|(addr, _)| *addr).collect::<Vec<_>>(),
+    ));
+    let answers = resolved.clone();
+    let resolve: mesh_authn::balance::Resolve = Box::new(move |_host, _port| {
+        let addrs = answers.lock().expect("lock").clone();
+        Box::pin(async move { Ok(addrs) })
+    });
+    let channel = mesh_authn::balance::balanced_channel_with(
+        &"http://users-headless.mesh.svc.cluster.local:50053"
+            .parse()
+            .expect("uri"),
+        Duration::from_millis(100),
+        resolve,
+    );
+    let client = UserServiceClient::new(channel);
+    let answered_by = |n: usize| {
+        let mut client = client.clone();
+        let token = reader.token.clone();
+        async move {
+            let mut counts = [0usize; 4];
+            for _ in 0..n {
+                let page = client
+                    .list_users(bearer(&token, ListUsersRequest::default()))
+                    .await
+                    .expect("list")
+                    .into_inner();
+                counts[page.users.len()] += 1;
+            }
+            counts
+        }
+    };
+    let counts = answered_by(300).await;
+    assert!(
+        counts[1..].iter().all(|&n| n > 0),
+        "every server answers: {counts:?}"
+    );
+
+    // The third goes away.
+    let (_, third) = servers.pop().expect("server");
+    resolved.lock().expect("lock").pop();
+    if let Some((server, _data)) = third {
+        server.shutdown().await.expect("stops");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let counts = answered_by(200).await;
+    assert_eq!(counts[3], 0, "the stopped server gets nothing: {counts:?}");
+    assert!(counts[1] > 0 && counts[2] > 0, "{counts:?}");
+    for (_, server) in servers {
+        if let Some((server, _data)) = server {
+            server.shutdown().await.expect("stops");
+        }
+    }
+    mesh.stop().await;
+}
