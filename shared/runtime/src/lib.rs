@@ -26,5 +26,7 @@ pub mod testing;
 pub use config::{ServerConfig, parse_duration};
 pub use drain::{Drain, InFlight, Shed};
 pub use health::Health;
-pub use server::{DRAIN_SETTLE, Lifecycle, ServeError, ServiceSpec, bind, serve};
+pub use server::{
+    DRAIN_SETTLE, Lifecycle, MAX_HEADER_LIST_BYTES, ServeError, ServiceSpec, bind, serve,
+};
 pub use signal::shutdown_signal;

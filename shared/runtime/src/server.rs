@@ -75,6 +75,9 @@ impl Lifecycle {
     }
 }
 
+/// The largest header list (all of a request's metadata) a server accepts.
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
 /// What a service hands to [`serve`]: its tonic service and its contract's descriptors.
 #[derive(Debug)]
 pub struct ServiceSpec {
@@ -167,6 +170,12 @@ pub async fn serve(
         // Pings idle connections, so dead peers are noticed and their streams freed.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Bounds against HTTP/2 abuse: a header list beyond 16 KiB is refused, and a client
+        // that resets streams as fast as it opens them ("rapid reset") or makes the server reset
+        // many is sent away.
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+        .http2_max_pending_accept_reset_streams(Some(20))
+        .http2_max_local_error_reset_streams(Some(256))
         // Outermost: every call, even one refused by a later layer, gets a request id and a
         // span carrying it.
         .layer(mesh_telemetry::RequestIdLayer)

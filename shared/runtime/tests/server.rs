@@ -391,3 +391,92 @@ async fn excess_calls_are_shed_at_once() {
     again.await.expect("task").expect("completes");
     harness.server.shutdown().await.expect("stops");
 }
+
+/// A raw HTTP/2 request for `GetUser` on `send`, with `extra` metadata.
+fn raw_get_user(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    extra: Option<(&str, String)>,
+) -> Result<h2::client::ResponseFuture, h2::Error> {
+    let mut request = http::Request::post("http://localhost/mesh.users.v1.UserService/GetUser")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some((name, value)) = extra {
+        request = request.header(name, value);
+    }
+    let request = request.body(()).expect("request");
+    let (response, mut body) = send.send_request(request, false)?;
+    // An empty GetUserRequest: one uncompressed frame of length 0.
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)?;
+    Ok(response)
+}
+
+async fn still_serves(harness: &Harness) {
+    let fresh = connect(harness.server.addr).await;
+    let status = tokio::time::timeout(Duration::from_secs(10), health_status(&fresh, NAME))
+        .await
+        .expect("a well-behaved client is answered");
+    assert_eq!(status.ok(), Some(SERVING));
+}
+
+/// HTTP/2 abuse seen in the wild does not stop the server serving well-behaved clients: a
+/// header list beyond the bound is refused; a client that resets every stream it opens
+/// ("rapid reset") is sent away; hundreds of idle connections change nothing.
+#[tokio::test]
+async fn http2_abuse_leaves_others_served() {
+    let harness = start(config(Duration::from_secs(5), 4 * 1024 * 1024), true).await;
+    let addr = harness.server.addr;
+
+    // A header list of 64 KiB.
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut send, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(connection);
+    let huge = "x".repeat(4 * mesh_runtime::MAX_HEADER_LIST_BYTES as usize);
+    let refused = match raw_get_user(&mut send, Some(("x-padding", huge))) {
+        Ok(response) => match tokio::time::timeout(Duration::from_secs(10), response).await {
+            Ok(Ok(response)) => response.status() != http::StatusCode::OK,
+            Ok(Err(_)) => true,
+            Err(_) => panic!("no answer to an oversized header list"),
+        },
+        Err(_) => true,
+    };
+    assert!(refused, "an oversized header list is refused");
+    still_serves(&harness).await;
+
+    // Rapid reset: open a stream and reset it at once, thousands of times.
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut send, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    let connection = tokio::spawn(connection);
+    let mut sent = 0;
+    for _ in 0..5_000 {
+        let Ok(ready) = send.clone().ready().await else {
+            break;
+        };
+        send = ready;
+        match raw_get_user(&mut send, None) {
+            Ok(response) => {
+                drop(response);
+                sent += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    eprintln!("rapid reset: {sent} streams before the server ended the connection ({ended:?})");
+    assert!(
+        ended.is_ok() || sent < 5_000,
+        "the resetting client is sent away (it got {sent} streams in)"
+    );
+    still_serves(&harness).await;
+
+    // Many idle connections.
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (send, connection) = h2::client::handshake(tcp).await.expect("handshake");
+        tokio::spawn(connection);
+        idle.push(send);
+    }
+    still_serves(&harness).await;
+    drop(idle);
+    harness.server.shutdown().await.expect("stops");
+}
