@@ -278,10 +278,8 @@ impl CallContext {
         for (key, value) in &self.forwarded {
             metadata.insert(*key, value.clone());
         }
-        if let Some(token) = &self.token
-            && let Ok(value) = format!("Bearer {token}").parse()
-        {
-            metadata.insert("authorization", value);
+        if let Some(token) = &self.token {
+            mesh_authn::set_bearer(&mut request, token);
         }
         Ok(request)
     }

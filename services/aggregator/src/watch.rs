@@ -155,12 +155,12 @@ async fn open_upstream(
     token: &str,
     after: Option<i64>,
 ) -> Result<(Streaming<UserEvent>, Option<i64>), Status> {
-    let mut request = Request::new(WatchUsersRequest {
-        after_sequence: after,
-    });
-    if let Ok(value) = format!("Bearer {token}").parse() {
-        request.metadata_mut().insert("authorization", value);
-    }
+    let request = mesh_authn::bearer_request(
+        token,
+        WatchUsersRequest {
+            after_sequence: after,
+        },
+    );
     let response = downstream.users().watch_users(request).await?;
     let head = response
         .metadata()

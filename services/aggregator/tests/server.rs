@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_authn::{AuthnConfig, Claims};
+use mesh_authn::{AuthnConfig, Claims, bearer_request as bearer};
 use mesh_proto::{
     aggregator::v1::{
         DeleteAccountRequest, GetMeRequest, GetProfilesRequest, LoginRequest, LogoutRequest,
@@ -39,15 +39,6 @@ fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-fn bearer<T>(token: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("ascii token"),
-    );
-    request
 }
 
 #[track_caller]

@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use mesh_authn::{AuthnConfig, Claims};
+use mesh_authn::{AuthnConfig, Claims, bearer_request as bearer};
 use mesh_proto::{
     auth::v1::{RegisterRequest, auth_service_client::AuthServiceClient},
     users::v1::{
@@ -152,15 +152,6 @@ fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-fn bearer<T>(token: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("ascii token"),
-    );
-    request
 }
 
 fn maybe_bearer<T>(token: Option<&str>, message: T) -> Request<T> {

@@ -181,6 +181,22 @@ impl JwksCache {
     }
 }
 
+/// Puts `authorization: Bearer <token>` on an outgoing request. A token that cannot be a
+/// header value (auth never issues one) is left off, so the call is refused as
+/// unauthenticated instead of panicking.
+pub fn set_bearer<T>(request: &mut tonic::Request<T>, token: &str) {
+    if let Ok(value) = format!("Bearer {token}").parse() {
+        request.metadata_mut().insert("authorization", value);
+    }
+}
+
+/// `message` as an outgoing request carrying `token` (see [`set_bearer`]).
+pub fn bearer_request<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    set_bearer(&mut request, token);
+    request
+}
+
 /// The bearer token of `headers`, if well-formed (`Bearer <token>`, scheme case-insensitive).
 pub fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
     let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;

@@ -13,7 +13,7 @@ use mesh_authn::{AuthnConfig, Claims};
 use mesh_proto::users::v1::{CreateUserRequest, User, user_service_client::UserServiceClient};
 use mesh_token::KeyRing;
 use tokio::sync::oneshot;
-use tonic::{Request, transport::Channel};
+use tonic::transport::Channel;
 
 use super::{BenchError, channels};
 
@@ -35,13 +35,7 @@ pub(super) fn unix_ms_now() -> i64 {
         .unwrap_or(0)
 }
 
-pub(super) fn bearer<T>(token: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    if let Ok(value) = format!("Bearer {token}").parse() {
-        request.metadata_mut().insert("authorization", value);
-    }
-    request
-}
+pub(super) use mesh_authn::bearer_request as bearer;
 
 /// A server task on a loopback port and the means to stop it.
 pub(super) struct Running {
