@@ -1,4 +1,4 @@
-//! Compiles `proto/mesh/**.proto` with the pure-Rust `protox` compiler (no system `protoc`),
+//! Compiles `proto/mesh/**.proto` (and the OTLP subset in `otlp/`) with the pure-Rust `protox` compiler (no system `protoc`),
 //! writes the encoded descriptor set for server reflection, and generates messages, clients and
 //! servers with tonic's code generator.
 
@@ -10,6 +10,12 @@ const FILES: &[&str] = &[
     "mesh/auth/v1/auth.proto",
     "mesh/users/v1/users.proto",
     "mesh/aggregator/v1/aggregator.proto",
+    "mesh/bench/v1/echo.proto",
+];
+
+const OTLP_FILES: &[&str] = &[
+    "opentelemetry/proto/collector/trace/v1/trace_service.proto",
+    "opentelemetry/proto/collector/metrics/v1/metrics_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -43,5 +49,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_transport(true)
         .compile_fds(fds)?;
+
+    // The OTLP subset the telemetry exporter sends (and test collectors receive). Kept apart:
+    // it is not a mesh contract, is not served by reflection and is not linted as one.
+    let otlp_root = manifest_dir.join("otlp").canonicalize()?;
+    println!("cargo:rerun-if-changed={}", otlp_root.display());
+    let otlp = protox::compile(OTLP_FILES, [&otlp_root])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .build_transport(true)
+        .compile_fds(otlp)?;
     Ok(())
 }

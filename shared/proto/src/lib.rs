@@ -49,6 +49,107 @@ pub mod aggregator {
     }
 }
 
+/// `mesh.bench.v1`: the bare echo `mesh bench` measures the mesh against (not a public API).
+pub mod bench {
+    /// Version 1 of the benchmark baseline.
+    #[allow(
+        missing_docs,
+        unreachable_pub,
+        clippy::all,
+        clippy::pedantic,
+        rust_2018_idioms
+    )]
+    pub mod v1 {
+        tonic::include_proto!("mesh.bench.v1");
+    }
+}
+
+/// `opentelemetry.proto.*`: the subset of OTLP (the OpenTelemetry protocol) the mesh exports
+/// traces and metrics with, wire-compatible with any OTLP/gRPC receiver. Not a mesh contract.
+pub mod otlp {
+    /// Attribute values and the instrumentation scope.
+    pub mod common {
+        #[allow(
+            missing_docs,
+            unreachable_pub,
+            clippy::all,
+            clippy::pedantic,
+            rust_2018_idioms
+        )]
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.common.v1");
+        }
+    }
+    /// The producing process.
+    pub mod resource {
+        #[allow(
+            missing_docs,
+            unreachable_pub,
+            clippy::all,
+            clippy::pedantic,
+            rust_2018_idioms
+        )]
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.resource.v1");
+        }
+    }
+    /// Spans.
+    pub mod trace {
+        #[allow(
+            missing_docs,
+            unreachable_pub,
+            clippy::all,
+            clippy::pedantic,
+            rust_2018_idioms
+        )]
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.trace.v1");
+        }
+    }
+    /// Metrics.
+    pub mod metrics {
+        #[allow(
+            missing_docs,
+            unreachable_pub,
+            clippy::all,
+            clippy::pedantic,
+            rust_2018_idioms
+        )]
+        pub mod v1 {
+            tonic::include_proto!("opentelemetry.proto.metrics.v1");
+        }
+    }
+    /// The export services a collector serves.
+    pub mod collector {
+        /// `TraceService/Export`.
+        pub mod trace {
+            #[allow(
+                missing_docs,
+                unreachable_pub,
+                clippy::all,
+                clippy::pedantic,
+                rust_2018_idioms
+            )]
+            pub mod v1 {
+                tonic::include_proto!("opentelemetry.proto.collector.trace.v1");
+            }
+        }
+        /// `MetricsService/Export`.
+        pub mod metrics {
+            #[allow(
+                missing_docs,
+                unreachable_pub,
+                clippy::all,
+                clippy::pedantic,
+                rust_2018_idioms
+            )]
+            pub mod v1 {
+                tonic::include_proto!("opentelemetry.proto.collector.metrics.v1");
+            }
+        }
+    }
+}
+
 /// The encoded `FileDescriptorSet` of every mesh `.proto` file and its imports.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/mesh_descriptor.bin"));

@@ -83,6 +83,14 @@ pub(super) async fn start_auth(
     data: &std::path::Path,
     service_clients: Vec<mesh_auth::ServiceClientSpec>,
 ) -> Result<Running, BenchError> {
+    let data = data.to_owned();
+    super::on_servers(async move { auth_here(&data, service_clients).await }).await
+}
+
+async fn auth_here(
+    data: &std::path::Path,
+    service_clients: Vec<mesh_auth::ServiceClientSpec>,
+) -> Result<Running, BenchError> {
     let (listener, addr) = loopback().await?;
     let mut config = mesh_auth::Config::new(addr, data.to_owned());
     config.service_clients = service_clients;
@@ -100,6 +108,15 @@ pub(super) async fn start_auth(
 }
 
 pub(super) async fn start_users(
+    data: &std::path::Path,
+    auth: std::net::SocketAddr,
+    database_url: Option<String>,
+) -> Result<Running, BenchError> {
+    let data = data.to_owned();
+    super::on_servers(async move { users_here(&data, auth, database_url).await }).await
+}
+
+async fn users_here(
     data: &std::path::Path,
     auth: std::net::SocketAddr,
     database_url: Option<String>,

@@ -1,8 +1,10 @@
-//! Scenario `users`: auth and users in-process on loopback (users on SQLite in a temporary
-//! folder, or on `--database-url`), a population of profiles, then `GetUser` at a few
-//! concurrencies, `BatchGetUsers` of 100 ids, and one `WatchUsers` subscriber under write load:
-//! the event rate it sees against the write rate, and how long an event takes to reach it.
-//! Prints a table and writes `<results>/users.json`.
+//! Scenarios on the users service alone: auth and users on loopback (users on SQLite in a
+//! temporary folder, or on `--database-url`) and a population of profiles with minted tokens.
+//!
+//! - `get-user`: GetUser by id, spread over the population, from `--concurrency` callers;
+//! - `users`: GetUser at 1, 16 and 64 callers, BatchGetUsers of 100 ids, and one WatchUsers
+//!   subscriber under write load: the events it sees against the writes committed, and how long
+//!   an event takes to reach it (from its `occur_time`).
 
 use std::{
     sync::{
@@ -21,55 +23,131 @@ use tokio::sync::oneshot;
 use tokio_stream::StreamExt as _;
 
 use super::{
-    BenchArgs, BenchError, channels, drive,
-    fixtures::{bearer, channels_one, populate, setup, start_auth, start_users, unix_ms_now},
-    json, summarize,
+    BenchError, Outcome, Settings, channels,
+    fixtures::{
+        Caller, Running, bearer, channels_one, populate, setup, start_auth, start_users,
+        unix_ms_now,
+    },
+    measure::{Latencies, Measurement, drive},
+    report::Figure,
 };
 
 /// Profiles created before measuring.
 const POPULATION: usize = 1000;
 /// Ids per `BatchGetUsers` call.
 const BATCH: usize = 100;
-/// The `GetUser` concurrencies measured.
+/// The `GetUser` concurrencies measured by `users`.
 const GET_CONCURRENCY: [usize; 3] = [1, 16, 64];
 
-pub(super) async fn users(args: BenchArgs) -> Result<(), BenchError> {
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let warmup = args.duration / 10;
-    let data = std::env::temp_dir().join(format!("mesh-bench-users-{}", std::process::id()));
+/// Auth and users on loopback with `POPULATION` profiles.
+struct Setup {
+    data: std::path::PathBuf,
+    auth: Running,
+    users: Running,
+    channels: Arc<Vec<tonic::transport::Channel>>,
+    population: Arc<Vec<Caller>>,
+}
+
+async fn set_up(settings: &Settings, name: &str) -> Result<Setup, BenchError> {
+    let data = std::env::temp_dir().join(format!("mesh-bench-{name}-{}", std::process::id()));
     // Auth loads the development key made here, so the benchmark can mint tokens for a
     // population of users without paying an Argon2id hash for each.
     let (ring, _) = KeyRing::load_or_create_dev_key(&data.join("auth").join("dev-signing-key.pem"))
         .map_err(setup)?;
     let auth = start_auth(&data, Vec::new()).await?;
-    let users = start_users(&data, auth.addr, args.database_url.clone()).await?;
-    let channels = Arc::new(channels(users.addr, args.connections).await?);
-
+    let users = start_users(&data, auth.addr, settings.database_url.clone()).await?;
+    let channels = Arc::new(channels(users.addr, settings.connections).await?);
     let population = populate(&ring, &channels, POPULATION).await?;
-    let reader = population[0].token.clone();
+    Ok(Setup {
+        data,
+        auth,
+        users,
+        channels,
+        population,
+    })
+}
 
-    // GetUser at a few concurrencies, ids spread over the population.
-    let mut gets = Vec::new();
+impl Setup {
+    async fn tear_down(self) {
+        self.users.stop().await;
+        self.auth.stop().await;
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+
+    /// A GetUser call by id, each call the next id (by a stride) of the population.
+    fn get_user_call(
+        &self,
+    ) -> impl Fn(usize) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
+    + Clone
+    + Send
+    + 'static {
+        let (channels, population) = (self.channels.clone(), self.population.clone());
+        let token = population[0].token.clone();
+        let turn = Arc::new(AtomicUsize::new(0));
+        move |worker: usize| {
+            let mut client = UserServiceClient::new(channels[worker % channels.len()].clone());
+            let i = turn.fetch_add(7919, Ordering::Relaxed) % population.len();
+            let request = bearer(
+                &token,
+                GetUserRequest {
+                    id: population[i].id.clone(),
+                },
+            );
+            Box::pin(async move { client.get_user(request).await.is_ok() })
+        }
+    }
+}
+
+/// `get-user`: users' GetUser called directly.
+pub(super) async fn get_user(
+    settings: &Settings,
+    baseline: &Measurement,
+) -> Result<Outcome, BenchError> {
+    let setup = set_up(settings, "get-user").await?;
+    let driven = drive(
+        settings.concurrency,
+        settings.warmup,
+        settings.duration,
+        setup.get_user_call(),
+    )
+    .await;
+    setup.tear_down().await;
+    let get = driven.measurement(format!("GetUser ({})", settings.database_name()));
+    let figures = vec![
+        Figure::new(
+            "GetUser / echo throughput",
+            get.per_second / baseline.per_second.max(f64::MIN_POSITIVE),
+            "ratio",
+        ),
+        Figure::new(
+            "GetUser p99 / p50",
+            get.latency_ms.p99 / get.latency_ms.p50.max(0.001),
+            "ratio",
+        ),
+    ];
+    Ok(Outcome {
+        measurements: vec![get],
+        figures,
+        notes: vec![format!(
+            "GetUser verifies the bearer token (Ed25519) and reads one row of {POPULATION}."
+        )],
+    })
+}
+
+pub(super) async fn users(settings: &Settings) -> Result<Outcome, BenchError> {
+    let mesh = set_up(settings, "users").await?;
+    let (channels, population) = (mesh.channels.clone(), mesh.population.clone());
+    let reader = population[0].token.clone();
+    let mut measurements = Vec::new();
     for concurrency in GET_CONCURRENCY {
-        let call = {
-            let (channels, population, token) =
-                (channels.clone(), population.clone(), reader.clone());
-            let turn = Arc::new(AtomicUsize::new(0));
-            move |worker: usize| {
-                let mut client = UserServiceClient::new(channels[worker % channels.len()].clone());
-                let i = turn.fetch_add(7919, Ordering::Relaxed) % population.len();
-                let request = bearer(
-                    &token,
-                    GetUserRequest {
-                        id: population[i].id.clone(),
-                    },
-                );
-                async move { client.get_user(request).await.is_ok() }
-            }
-        };
-        drive(concurrency, warmup, call.clone()).await;
-        let (latencies, elapsed) = drive(concurrency, args.duration, call).await;
-        gets.push((concurrency, summarize(latencies, elapsed)));
+        let driven = drive(
+            concurrency,
+            settings.warmup,
+            settings.duration,
+            mesh.get_user_call(),
+        )
+        .await;
+        measurements.push(driven.measurement(format!("GetUser, {concurrency} callers")));
     }
 
     // BatchGetUsers of BATCH ids.
@@ -91,13 +169,18 @@ pub(super) async fn users(args: BenchArgs) -> Result<(), BenchError> {
             }
         }
     };
-    drive(args.concurrency, warmup, batch_call.clone()).await;
-    let (latencies, elapsed) = drive(args.concurrency, args.duration, batch_call).await;
-    let batches = summarize(latencies, elapsed);
+    let batches = drive(
+        settings.concurrency,
+        settings.warmup,
+        settings.duration,
+        batch_call,
+    )
+    .await
+    .measurement(format!("BatchGetUsers of {BATCH} ids"));
 
     // One live WatchUsers subscriber (on its own connection) while every caller updates its
     // own profile as fast as it can.
-    let watch_channel = channels_one(users.addr).await?;
+    let watch_channel = channels_one(mesh.users.addr).await?;
     let mut stream = UserServiceClient::new(watch_channel)
         .watch_users(bearer(
             &reader,
@@ -110,7 +193,7 @@ pub(super) async fn users(args: BenchArgs) -> Result<(), BenchError> {
         .into_inner();
     let (stop_watch, mut watch_stopped) = oneshot::channel::<()>();
     let watcher = tokio::spawn(async move {
-        let mut delays_ms = Vec::new();
+        let mut delays = Latencies::default();
         let mut received = 0usize;
         loop {
             tokio::select! {
@@ -120,14 +203,15 @@ pub(super) async fn users(args: BenchArgs) -> Result<(), BenchError> {
                         received += 1;
                         if let Some(at) = event.occur_time {
                             let committed = at.seconds * 1000 + i64::from(at.nanos) / 1_000_000;
-                            delays_ms.push((unix_ms_now() - committed).max(0));
+                            let ms = (unix_ms_now() - committed).max(0);
+                            delays.record(Duration::from_millis(ms.unsigned_abs()));
                         }
                     }
                     _ => break,
                 },
             }
         }
-        (received, delays_ms)
+        (received, delays)
     });
     let update_call = {
         let (channels, population) = (channels.clone(), population.clone());
@@ -152,79 +236,46 @@ pub(super) async fn users(args: BenchArgs) -> Result<(), BenchError> {
             async move { client.update_user(request).await.is_ok() }
         }
     };
-    let (latencies, elapsed) = drive(args.concurrency, args.duration, update_call).await;
-    let writes = summarize(latencies, elapsed);
+    let writes = drive(
+        settings.concurrency,
+        Duration::ZERO,
+        settings.duration,
+        update_call,
+    )
+    .await;
+    let elapsed = writes.elapsed;
+    let writes = writes.measurement("UpdateUser (the write load)");
     // Let the last events arrive, then stop the subscriber.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = stop_watch.send(());
-    let (received, delays_ms) = watcher.await.map_err(setup)?;
-    let delay = summarize(
-        delays_ms
-            .into_iter()
-            .map(|ms| Duration::from_millis(ms as u64))
-            .collect(),
+    let (received, delays) = watcher.await.map_err(setup)?;
+    mesh.tear_down().await;
+
+    let delay = Measurement::new(
+        "WatchUsers: commit to receipt (from occur_time)",
+        &delays,
+        0,
         elapsed,
     );
-
-    users.stop().await;
-    auth.stop().await;
-    let _ = std::fs::remove_dir_all(&data);
-
-    let backend = if args.database_url.is_some() {
-        "PostgreSQL"
-    } else {
-        "SQLite"
-    };
-    println!(
-        "\nmesh bench users — {cores} cores, users on {backend}, {POPULATION} profiles, {} \
-         connections, {:?} each\n",
-        args.connections, args.duration
-    );
-    println!("| measurement | callers | per second | p50 ms | p99 ms |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
-    for (concurrency, s) in &gets {
-        println!(
-            "| GetUser | {concurrency} | {:.0} | {:.3} | {:.3} |",
-            s.per_second, s.p50_ms, s.p99_ms
-        );
-    }
-    println!(
-        "| BatchGetUsers ({BATCH} ids) | {} | {:.0} ({:.0} profiles/s) | {:.3} | {:.3} |",
-        args.concurrency,
-        batches.per_second,
-        batches.per_second * BATCH as f64,
-        batches.p50_ms,
-        batches.p99_ms
-    );
-    println!(
-        "| UpdateUser (the write load) | {} | {:.0} | {:.3} | {:.3} |",
-        args.concurrency, writes.per_second, writes.p50_ms, writes.p99_ms
-    );
-    let event_rate = received as f64 / elapsed.as_secs_f64();
-    println!(
-        "| WatchUsers events seen by 1 subscriber | | {event_rate:.0} | {:.0} | {:.0} |",
-        delay.p50_ms, delay.p99_ms
-    );
-    println!(
-        "\nevents seen / writes committed: {received} / {} (commit-to-receipt delay in ms, \
-         from the event's occur_time)",
-        writes.count
-    );
-
-    let gets_json: Vec<String> = gets
-        .iter()
-        .map(|(c, s)| format!(r#"{{"concurrency":{c},"result":{}}}"#, json(s)))
-        .collect();
-    let report = format!(
-        r#"{{"scenario":"users","cores":{cores},"backend":"{backend}","population":{POPULATION},"connections":{},"duration_s":{},"get_user":[{}],"batch_get_users":{{"ids":{BATCH},"concurrency":{},"result":{}}},"update_user":{},"watch":{{"events_received":{received},"writes_committed":{},"events_per_second":{event_rate:.1},"delay_ms":{}}}}}"#,
-        args.connections,
-        args.duration.as_secs_f64(),
-        gets_json.join(","),
-        args.concurrency,
-        json(&batches),
-        json(&writes),
-        writes.count,
-        json(&delay),
-    );
-    super::write_report(&args.results, "users.json", &report)
+    let committed = writes.calls;
+    measurements.extend([batches.clone(), writes, delay]);
+    Ok(Outcome {
+        measurements,
+        figures: vec![
+            Figure::new(
+                "BatchGetUsers profiles per second",
+                batches.per_second * BATCH as f64,
+                "/s",
+            ),
+            Figure::new("WatchUsers events seen", received as f64, "events"),
+            Figure::new("UpdateUser calls committed", committed as f64, "writes"),
+        ],
+        notes: vec![format!(
+            "users on {}, {POPULATION} profiles. The WatchUsers row's calls/s is the event \
+             rate one subscriber saw while every caller updated its own profile; its latency \
+             is from the event's occur_time (taken before the write waits for the sequence \
+             row) to receipt, at millisecond resolution.",
+            settings.database_name()
+        )],
+    })
 }

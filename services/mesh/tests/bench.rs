@@ -1,0 +1,182 @@
+//! Smoke tests of `mesh bench`: every scenario runs for about a second with tiny settings
+//! through the real binary and writes its report. Nothing here looks at speed: the figures of
+//! a debug build on a shared machine mean nothing; only that each scenario completes, measures
+//! something and writes a well-formed JSON result, Markdown report and plot.
+
+use std::process::Command;
+
+/// Runs `mesh bench <scenario>` with tiny settings into a fresh results folder and returns
+/// the parsed JSON result.
+fn run(scenario: &str, extra: &[&str]) -> serde_json::Value {
+    let results = tempfile::tempdir().expect("results dir");
+    let output = Command::new(env!("CARGO_BIN_EXE_mesh"))
+        .args(["bench", scenario])
+        .args(["--duration", "1s", "--warmup", "0s"])
+        .args(["--concurrency", "2", "--connections", "1"])
+        .args(["--server-threads", "1"])
+        .arg("--results")
+        .arg(results.path())
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("mesh bench runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "mesh bench {scenario} failed:\n{stdout}\n{stderr}"
+    );
+    let json = std::fs::read_to_string(results.path().join(format!("{scenario}.json")))
+        .unwrap_or_else(|e| panic!("{scenario}.json: {e}\n{stdout}\n{stderr}"));
+    let md = std::fs::read_to_string(results.path().join(format!("{scenario}.md")))
+        .expect("Markdown report");
+    assert!(md.starts_with(&format!("# mesh bench {scenario}")), "{md}");
+    assert!(
+        md.contains(&format!("![latency by percentile]({scenario}.svg)")),
+        "{md}"
+    );
+    let svg =
+        std::fs::read_to_string(results.path().join(format!("{scenario}.svg"))).expect("plot");
+    assert!(svg.starts_with("<svg"), "{svg}");
+    // The table printed is the one in the report.
+    assert!(stdout.contains("| measurement | calls/s |"), "{stdout}");
+    let value: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+    assert_eq!(value["schema"], "mesh-bench/1");
+    assert_eq!(value["scenario"], scenario);
+    // The baseline comes first in every run, and it measured calls.
+    let measurements = value["measurements"].as_array().expect("measurements");
+    assert!(
+        measurements[0]["name"]
+            .as_str()
+            .is_some_and(|n| n.contains("baseline")),
+        "{value}"
+    );
+    for m in measurements {
+        assert!(m["calls"].as_u64().is_some(), "{m}");
+        assert!(m["latency_ms"]["p99"].as_f64().is_some(), "{m}");
+    }
+    assert!(measurements[0]["calls"].as_u64() > Some(0), "{value}");
+    value
+}
+
+/// The names of the measurements of a result.
+fn names(value: &serde_json::Value) -> Vec<String> {
+    value["measurements"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// A figure's value by (the start of) its name.
+fn figure(value: &serde_json::Value, name: &str) -> f64 {
+    value["figures"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|f| f["name"].as_str().is_some_and(|n| n.starts_with(name)))
+        .and_then(|f| f["value"].as_f64())
+        .unwrap_or_else(|| panic!("no figure `{name}` in {value}"))
+}
+
+/// `echo`: the baseline alone.
+#[test]
+fn echo() {
+    let value = run("echo", &["--payload", "16"]);
+    assert_eq!(names(&value).len(), 1);
+}
+
+/// `get-user`: users' GetUser measured beside the baseline, every call answered.
+#[test]
+fn get_user() {
+    let value = run("get-user", &[]);
+    let m = &value["measurements"][1];
+    assert!(m["calls"].as_u64() > Some(0), "{value}");
+    assert_eq!(m["errors"], 0, "{value}");
+    assert!(figure(&value, "GetUser / echo throughput") > 0.0);
+}
+
+/// `get-me`: a direct GetUser and GetMe through the aggregator, with the ratios.
+#[test]
+fn get_me() {
+    let value = run("get-me", &[]);
+    assert_eq!(names(&value).len(), 3, "{value}");
+    for m in &value["measurements"].as_array().expect("list")[1..] {
+        assert!(m["calls"].as_u64() > Some(0), "{m}");
+        assert_eq!(m["errors"], 0, "{m}");
+    }
+    assert!(figure(&value, "GetMe / echo throughput") > 0.0);
+    assert!(figure(&value, "GetMe p99 / p50") >= 1.0);
+}
+
+/// `get-me-delay`: the delayed GetMe takes at least the delay.
+#[test]
+fn get_me_delay() {
+    let value = run("get-me-delay", &["--delay", "30ms"]);
+    let delayed = &value["measurements"][2];
+    assert!(delayed["calls"].as_u64() > Some(0), "{value}");
+    assert!(
+        delayed["latency_ms"]["p50"].as_f64() >= Some(30.0),
+        "{value}"
+    );
+}
+
+/// `get-profiles`: every call streams all the ids asked for.
+#[test]
+fn get_profiles() {
+    let value = run("get-profiles", &["--profiles", "150"]);
+    let m = &value["measurements"][1];
+    assert!(m["calls"].as_u64() > Some(0), "{value}");
+    assert_eq!(m["errors"], 0, "{value}");
+    let per_second = figure(&value, "profiles streamed per second");
+    let calls_per_second = m["per_second"].as_f64().expect("rate");
+    // Each successful call streamed all 150 profiles (a little slack for the warm-up).
+    assert!(per_second >= calls_per_second * 149.0, "{value}");
+}
+
+/// `watch`: a few subscribers, each change reaching every one of them.
+#[test]
+fn watch() {
+    let value = run(
+        "watch",
+        &[
+            "--subscribers",
+            "30",
+            "--streams-per-connection",
+            "10",
+            "--events",
+            "2",
+        ],
+    );
+    // Two changes to each of 30 subscribers, all timed.
+    assert_eq!(value["measurements"][1]["calls"], 60, "{value}");
+    assert!(figure(&value, "aggregator RSS per WatchProfiles subscriber") >= 0.0);
+}
+
+/// `login`: the raw hash rate, the Login rate against it and health during the storm.
+#[test]
+fn login() {
+    let value = run("login", &[]);
+    assert!(figure(&value, "raw Argon2id verifications per second") > 0.0);
+    let names = names(&value);
+    assert!(names.iter().any(|n| n.starts_with("Login")), "{names:?}");
+    assert!(
+        names.iter().any(|n| n.contains("during the login storm")),
+        "{names:?}"
+    );
+}
+
+/// `users`: GetUser at several concurrencies, BatchGetUsers, writes and the watcher.
+#[test]
+fn users() {
+    let value = run("users", &[]);
+    let names = names(&value);
+    assert!(
+        names.iter().any(|n| n.starts_with("GetUser, 64")),
+        "{names:?}"
+    );
+    let seen = figure(&value, "WatchUsers events seen");
+    let committed = figure(&value, "UpdateUser calls committed");
+    assert!(committed > 0.0 && seen >= committed, "{value}");
+}
