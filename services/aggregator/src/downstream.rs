@@ -75,11 +75,15 @@ impl RetryBudget {
 /// (or the deadline error) can still reach the caller in time.
 pub(crate) const DEADLINE_MARGIN: Duration = Duration::from_millis(10);
 
+/// A channel whose calls are traced: each gets a client span, sent as the callee's
+/// `traceparent` (see [`mesh_telemetry::rpc`]).
+pub(crate) type Traced = mesh_telemetry::ClientTrace<Channel>;
+
 /// A few long-lived HTTP/2 connections to one service, used in turn: one connection's lock and
 /// flow-control window are then not the ceiling.
 #[derive(Debug)]
 pub(crate) struct Pool {
-    channels: Vec<Channel>,
+    channels: Vec<Traced>,
     next: AtomicUsize,
 }
 
@@ -87,8 +91,9 @@ impl Pool {
     /// `connections` channels to `uri`, each balanced over every address its host name resolves
     /// to (one connection per endpoint; see [`mesh_authn::balance`]).
     pub(crate) fn new(uri: &Uri, connections: usize) -> Self {
+        let trace = mesh_telemetry::ClientTraceLayer::new(uri);
         let channels = (0..connections.max(1))
-            .map(|_| mesh_authn::balance::balanced_channel(uri))
+            .map(|_| tower::Layer::layer(&trace, mesh_authn::balance::balanced_channel(uri)))
             .collect();
         Self {
             channels,
@@ -97,7 +102,7 @@ impl Pool {
     }
 
     /// The next channel in turn.
-    pub(crate) fn channel(&self) -> Channel {
+    pub(crate) fn channel(&self) -> Traced {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
         self.channels[i].clone()
     }
@@ -125,19 +130,19 @@ impl Downstreams {
         &self.budget
     }
 
-    pub(crate) fn auth(&self) -> AuthServiceClient<Channel> {
+    pub(crate) fn auth(&self) -> AuthServiceClient<Traced> {
         AuthServiceClient::new(self.auth.channel())
     }
 
-    pub(crate) fn users(&self) -> UserServiceClient<Channel> {
+    pub(crate) fn users(&self) -> UserServiceClient<Traced> {
         UserServiceClient::new(self.users.channel())
     }
 
-    pub(crate) fn auth_channel(&self) -> Channel {
+    pub(crate) fn auth_channel(&self) -> Traced {
         self.auth.channel()
     }
 
-    pub(crate) fn users_channel(&self) -> Channel {
+    pub(crate) fn users_channel(&self) -> Traced {
         self.users.channel()
     }
 }

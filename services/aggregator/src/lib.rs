@@ -21,7 +21,6 @@ use std::{future::Future, sync::Arc, time::Duration};
 use mesh_authn::AuthLayer;
 use mesh_runtime::{Health, Lifecycle, ServeError, ServiceSpec};
 use tokio::net::TcpListener;
-use tonic::transport::Channel;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -40,7 +39,7 @@ pub const SERVICE_NAME: &str = mesh_proto::service_names::AGGREGATOR;
 const PUBLIC_METHODS: &[&str] = &["SignUp", "Login", "Refresh", "Logout"];
 
 /// Whether `service` behind `channel` answers SERVING within a second.
-async fn serving(channel: Channel, service: &str) -> bool {
+async fn serving(channel: downstream::Traced, service: &str) -> bool {
     let mut request = tonic::Request::new(HealthCheckRequest {
         service: service.to_owned(),
     });
@@ -102,6 +101,16 @@ pub async fn serve(
         usize::try_from(config.max_watch_streams).unwrap_or(usize::MAX),
         lifecycle.drain().clone(),
     );
+    let open = Arc::downgrade(&fanout);
+    mesh_telemetry::metrics::gauge(
+        "mesh.aggregator.watch_streams",
+        "WatchProfiles streams open",
+        "{stream}",
+        move || {
+            open.upgrade()
+                .map_or(0, |f| i64::try_from(f.subscribers()).unwrap_or(i64::MAX))
+        },
+    );
     let keys = Arc::new(config.authn.jwks_cache());
     let handlers = AggregatorServer::new(downstream.clone(), fanout, config.default_deadline);
     let service = AuthLayer::new(keys, PUBLIC_METHODS).layer(handlers.into_service(&config.server));
@@ -121,5 +130,10 @@ pub async fn serve(
 /// Binds `config.listen` and serves until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), ServeError> {
     let listener = mesh_runtime::bind(config.listen).await?;
-    serve(&config, listener, mesh_runtime::shutdown_signal()).await
+    // Traces and metrics go to the OTLP endpoint the environment names (none: not exported);
+    // what is still queued is sent before the process exits.
+    let telemetry = mesh_telemetry::Telemetry::start("aggregator");
+    let served = serve(&config, listener, mesh_runtime::shutdown_signal()).await;
+    telemetry.shutdown().await;
+    served
 }

@@ -231,7 +231,8 @@ impl AggregatorServer {
                 }
             }
         };
-        tokio::spawn(work)
+        // In the call's span, so its downstream calls belong to the caller's trace.
+        tokio::spawn(tracing::Instrument::in_current_span(work))
             .await
             .map_err(|_| Status::internal("internal error"))?
     }
@@ -386,7 +387,8 @@ impl AggregatorServer {
             Ok(())
         };
         // Once begun, the steps run to the end even if the caller goes away.
-        tokio::spawn(work)
+        // In the call's span, so its downstream calls belong to the caller's trace.
+        tokio::spawn(tracing::Instrument::in_current_span(work))
             .await
             .map_err(|_| Status::internal("internal error"))?
     }

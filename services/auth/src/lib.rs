@@ -89,6 +89,13 @@ pub async fn serve(
     let hasher = domain::PasswordHasher::new(parallelism)
         .await
         .map_err(|e| Error::Hasher(e.to_string()))?;
+    let queue = hasher.clone();
+    mesh_telemetry::metrics::gauge(
+        "mesh.auth.hash_queue_depth",
+        "Argon2id operations waiting for or running on the blocking pool",
+        "{operation}",
+        move || i64::try_from(queue.queued()).unwrap_or(i64::MAX),
+    );
     let service =
         AuthServer::new(issuer, clients, store.clone(), hasher).into_service(&config.server);
     // Ready once the keys are loaded and the database is migrated, and while it answers.
@@ -110,7 +117,12 @@ pub async fn serve(
 /// Binds `config.listen` and serves until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), Error> {
     let listener = mesh_runtime::bind(config.listen).await?;
-    serve(&config, listener, mesh_runtime::shutdown_signal()).await
+    // Traces and metrics go to the OTLP endpoint the environment names (none: not exported);
+    // what is still queued is sent before the process exits.
+    let telemetry = mesh_telemetry::Telemetry::start("auth");
+    let served = serve(&config, listener, mesh_runtime::shutdown_signal()).await;
+    telemetry.shutdown().await;
+    served
 }
 
 /// Measures the raw Argon2id verification rate (verifications per second) of this machine at

@@ -7,8 +7,8 @@
 //! baseline the same way in the same run. It prints a table and writes
 //! `<results>/<scenario>.json`, `.md` and `.svg` (latency by percentile).
 //!
-//! Scenarios: `echo`, `get-user`, `get-me`, `get-me-delay`, `get-profiles`, `watch`, `login`
-//! and `users`; `docs/benchmarks.md` shows a run of each.
+//! Scenarios: `echo`, `get-user`, `get-me`, `get-me-delay`, `get-profiles`, `watch`, `login`,
+//! `tracing` and `users`; `docs/benchmarks.md` shows a run of each.
 
 mod aggregator;
 mod echo;
@@ -16,6 +16,7 @@ mod fixtures;
 mod login;
 mod measure;
 mod report;
+mod tracing;
 mod users;
 
 use std::{
@@ -103,6 +104,8 @@ enum Scenario {
     Watch,
     /// Argon2 Login throughput vs the raw hash rate; health latency during the storm.
     Login,
+    /// GetMe through a real `mesh up` with tracing off, exporting 100 % and 10 % of traces.
+    Tracing,
     /// users in depth: GetUser at 1/16/64 callers, BatchGetUsers, UpdateUser, WatchUsers delay.
     Users,
     /// A bare echo server in this process until killed (used by `watch`).
@@ -120,6 +123,7 @@ impl Scenario {
             Self::GetProfiles => "get-profiles",
             Self::Watch => "watch",
             Self::Login => "login",
+            Self::Tracing => "tracing",
             Self::Users => "users",
             Self::EchoServer => "echo-server",
         }
@@ -303,6 +307,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), BenchError> {
         Scenario::GetProfiles => aggregator::get_profiles(&settings).await,
         Scenario::Watch => aggregator::watch(&settings).await,
         Scenario::Login => login::login(&settings).await,
+        Scenario::Tracing => tracing::tracing(&settings).await,
         Scenario::Users => users::users(&settings).await,
         Scenario::EchoServer => Ok(Outcome::default()),
     };

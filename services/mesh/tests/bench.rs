@@ -180,3 +180,18 @@ fn users() {
     let committed = figure(&value, "UpdateUser calls committed");
     assert!(committed > 0.0 && seen >= committed, "{value}");
 }
+
+/// `tracing`: GetMe through `mesh up` with tracing off, at 100 % and at 10 %; a traced GetMe
+/// exports its five spans, and 10 % sampling exports fewer.
+#[test]
+fn tracing() {
+    let value = run("tracing", &[]);
+    assert_eq!(names(&value).len(), 4, "{value}");
+    for m in &value["measurements"].as_array().expect("list")[1..] {
+        assert!(m["calls"].as_u64() > Some(0), "{m}");
+    }
+    let all = figure(&value, "spans exported per GetMe, 100 %");
+    let tenth = figure(&value, "spans exported per GetMe, 10 %");
+    assert!((4.5..8.0).contains(&all), "{value}");
+    assert!(tenth < all / 2.0, "{value}");
+}

@@ -114,5 +114,10 @@ pub async fn serve(
 /// Binds `config.listen` and serves until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), Error> {
     let listener = mesh_runtime::bind(config.listen).await?;
-    serve(&config, listener, mesh_runtime::shutdown_signal()).await
+    // Traces and metrics go to the OTLP endpoint the environment names (none: not exported);
+    // what is still queued is sent before the process exits.
+    let telemetry = mesh_telemetry::Telemetry::start("users");
+    let served = serve(&config, listener, mesh_runtime::shutdown_signal()).await;
+    telemetry.shutdown().await;
+    served
 }

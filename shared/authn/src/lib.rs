@@ -72,7 +72,7 @@ impl From<AuthnError> for Status {
 /// auth's public keys, fetched with `GetJwks` and cached.
 #[derive(Debug)]
 pub struct JwksCache {
-    client: AuthServiceClient<Channel>,
+    client: AuthServiceClient<mesh_telemetry::ClientTrace<Channel>>,
     issuer: String,
     audience: String,
     verifier: RwLock<Option<Verifier>>,
@@ -100,7 +100,12 @@ impl JwksCache {
     /// `audience`.
     pub fn new(channel: Channel, issuer: impl Into<String>, audience: impl Into<String>) -> Self {
         Self {
-            client: AuthServiceClient::new(channel),
+            // Key fetches are traced like any outgoing call (a child of the call that needed
+            // the keys).
+            client: AuthServiceClient::new(tower::Layer::layer(
+                &mesh_telemetry::ClientTraceLayer::default(),
+                channel,
+            )),
             issuer: issuer.into(),
             audience: audience.into(),
             verifier: RwLock::new(None),

@@ -176,9 +176,11 @@ pub async fn serve(
         .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
         .http2_max_pending_accept_reset_streams(Some(20))
         .http2_max_local_error_reset_streams(Some(256))
-        // Outermost: every call, even one refused by a later layer, gets a request id and a
-        // span carrying it.
+        // Outermost: every call, even one refused by a later layer, gets a request id...
         .layer(mesh_telemetry::RequestIdLayer)
+        // ...and a span carrying it and the caller's trace context, timed and exported (a shed
+        // call shows as RESOURCE_EXHAUSTED).
+        .layer(mesh_telemetry::ServerTraceLayer)
         // Counts the service's calls, so the drain knows when the last one has finished.
         .layer(InFlightLayer::new(
             in_flight.clone(),

@@ -1,19 +1,30 @@
-//! Telemetry shared by every mesh process: the log subscriber and request ids.
+//! Telemetry shared by every mesh process: logs, request ids, traces and metrics.
 //!
-//! Logs go to standard error, filtered by `RUST_LOG` (default `info`), as human-readable lines
-//! or as one JSON object per line ([`LogFormat`]). Every call a mesh server handles gets a
-//! request id ([`request_id`]): the caller's `x-request-id` when it is valid, a new one
-//! otherwise. It is echoed in the response metadata, stored in the request's extensions for
-//! downstream calls, and recorded on the call's span so that every log line of the request
-//! carries it.
+//! - Logs go to standard error, filtered by `RUST_LOG` (default `info`), as human-readable
+//!   lines or as one JSON object per line ([`LogFormat`]).
+//! - Every call a mesh server handles gets a request id ([`request_id`]): the caller's
+//!   `x-request-id` when it is valid, a new one otherwise, echoed in the response metadata and
+//!   stored in the request's extensions for downstream calls.
+//! - Every call runs in a span ([`rpc`]) that carries `request_id`, `trace_id` and `span_id`,
+//!   so every log line of a call leads to its trace. W3C trace context ([`context`]) is taken
+//!   from callers and passed to callees.
+//! - With an OTLP endpoint set, spans and RPC metrics are exported ([`export`], [`metrics`]).
 
+pub mod context;
+pub mod export;
+mod json;
+pub mod metrics;
 pub mod request_id;
+pub mod rpc;
 
 use std::{fmt, str::FromStr};
 
-use tracing_subscriber::{EnvFilter, fmt::format::FmtSpan};
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
 
+pub use context::TraceContext;
+pub use export::{ExportConfig, Telemetry};
 pub use request_id::{REQUEST_ID_HEADER, RequestId, RequestIdLayer};
+pub use rpc::{ClientTrace, ClientTraceLayer, ServerTraceLayer, current_context};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -21,7 +32,8 @@ pub enum LogFormat {
     /// One human-readable line per event, coloured when standard error is a terminal.
     #[default]
     Text,
-    /// One JSON object per line, with the span fields (such as `request_id`) as fields.
+    /// One JSON object per line: the event's fields, `trace_id`, `span_id` and `request_id`
+    /// of the call it belongs to as top-level fields, and the current span.
     Json,
 }
 
@@ -61,19 +73,28 @@ pub fn init(format: LogFormat) {
         }
         Err(_) => (EnvFilter::new("info"), None),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_span_events(FmtSpan::NONE);
+    // Call spans always exist, whatever the filter: they carry the trace context that outgoing
+    // calls pass on and the ids every log line of the call shows.
+    let filter = match format!("{}=info", rpc::SPAN_TARGET).parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
+    let registry = tracing_subscriber::registry().with(filter);
     let installed = match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
             .try_init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+                    .event_format(json::JsonLines),
+            )
             .try_init(),
     };
     if installed.is_ok()

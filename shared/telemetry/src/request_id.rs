@@ -2,7 +2,7 @@
 //! 1–128 visible ASCII characters, otherwise (absent or invalid) a new one is generated and the
 //! call is served anyway. The id is echoed in the response metadata, kept in the request's
 //! extensions (tonic hands them to the handler, which passes the id on downstream), and recorded
-//! on the span the call runs in.
+//! on the span the call runs in ([`crate::rpc`]).
 
 use std::{
     fmt,
@@ -13,7 +13,6 @@ use std::{
 
 use http::{HeaderValue, Request, Response};
 use tower::{Layer, Service};
-use tracing::{Instrument as _, Span};
 
 /// The metadata key of the request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -68,7 +67,7 @@ impl fmt::Display for RequestId {
     }
 }
 
-/// A tower layer that gives every call a [`RequestId`] and a span that carries it.
+/// A tower layer that gives every call a [`RequestId`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RequestIdLayer;
 
@@ -107,25 +106,15 @@ where
         request
             .headers_mut()
             .insert(REQUEST_ID_HEADER, header.clone());
-        let span = call_span(request.uri().path(), &id);
+        // The call's span (made by the trace layer inside this one) records the id.
         request.extensions_mut().insert(id);
-        let future = {
-            let _entered = span.enter();
-            self.inner.call(request)
-        };
-        Box::pin(
-            async move {
-                let mut response = future.await?;
-                response.headers_mut().insert(REQUEST_ID_HEADER, header);
-                Ok(response)
-            }
-            .instrument(span),
-        )
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let mut response = future.await?;
+            response.headers_mut().insert(REQUEST_ID_HEADER, header);
+            Ok(response)
+        })
     }
-}
-
-fn call_span(path: &str, id: &RequestId) -> Span {
-    tracing::info_span!("grpc", rpc.path = %path, request_id = %id)
 }
 
 #[cfg(test)]

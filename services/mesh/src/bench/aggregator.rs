@@ -367,7 +367,8 @@ pub(super) async fn get_profiles(settings: &Settings) -> Result<Outcome, BenchEr
     })
 }
 
-async fn wait_serving(addr: SocketAddr, timeout: Duration) -> Result<(), BenchError> {
+/// Waits until the aggregator at `addr` reports SERVING.
+pub(super) async fn wait_serving(addr: SocketAddr, timeout: Duration) -> Result<(), BenchError> {
     let deadline = Instant::now() + timeout;
     loop {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))

@@ -1,0 +1,686 @@
+//! Tracing of gRPC calls, as tower layers: [`ServerTraceLayer`] on every mesh server and
+//! [`ClientTraceLayer`] on every channel a mesh service calls another with.
+//!
+//! - The server side takes the caller's W3C `traceparent`/`tracestate` and makes the call's span
+//!   its child (or the root of a new trace). It opens the call's `tracing` span, which every log
+//!   line of the call is written in and which carries `trace_id`, `span_id` and `request_id`.
+//! - The client side makes a span for each outgoing call, a child of the span the call is made
+//!   in, and sends it as the callee's `traceparent`.
+//! - One span per call, streams included: it ends when the response's last frame (its
+//!   trailers) has passed, and counts the messages each way. Names and attributes follow
+//!   OpenTelemetry's RPC conventions (`rpc.system`, `rpc.service`, `rpc.method`,
+//!   `rpc.grpc.status_code`, `server.address`/`server.port` on client spans).
+//! - Each call's duration goes into `rpc.server.duration` / `rpc.client.duration` (ms).
+//!
+//! Without an export pipeline (tests, or no endpoint set) no span is made, but the caller's
+//! trace context is still passed on unchanged, so a mesh without a collector does not break the
+//! traces of the services around it.
+//!
+//! Health checks and reflection get the log span but no trace span: probes every few seconds
+//! would bury the traces that matter.
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use http_body::Frame;
+use mesh_proto::otlp::trace::v1::{Span as OtlpSpan, Status as OtlpStatus, span, status};
+use tower::{Layer, Service};
+use tracing::Span;
+use tracing_subscriber::registry::LookupSpan as _;
+
+use crate::{
+    RequestId,
+    context::TraceContext,
+    export::{kv, kv_int, pipeline, unix_nanos},
+    metrics::{DurationHistogram, rpc_attributes},
+};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+static SERVER_DURATION: DurationHistogram = DurationHistogram::new(
+    "rpc.server.duration",
+    "Duration of gRPC calls served, by method and status code",
+);
+static CLIENT_DURATION: DurationHistogram = DurationHistogram::new(
+    "rpc.client.duration",
+    "Duration of gRPC calls made to other services, by method and status code",
+);
+
+/// The target of the call spans; `init` always enables it, so calls keep their trace context
+/// whatever `RUST_LOG` says.
+pub const SPAN_TARGET: &str = "mesh_rpc";
+
+/// What the call span of a request knows, kept in the span's extensions: the trace context of
+/// the span (or the caller's, passed through) and the request id.
+#[derive(Debug, Clone)]
+pub(crate) struct CallIds {
+    pub(crate) context: Option<TraceContext>,
+    pub(crate) request_id: Option<String>,
+}
+
+/// The trace context of the span the caller is in, if any: what an outgoing call is made a
+/// child of.
+pub fn current_context() -> Option<TraceContext> {
+    Span::current()
+        .with_subscriber(|(id, dispatch)| {
+            let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
+            let span = registry.span(id)?;
+            span.scope().find_map(|s| {
+                s.extensions()
+                    .get::<CallIds>()
+                    .and_then(|ids| ids.context.clone())
+            })
+        })
+        .flatten()
+}
+
+fn remember(span: &Span, ids: CallIds) {
+    span.with_subscriber(|(id, dispatch)| {
+        if let Some(registry) = dispatch.downcast_ref::<tracing_subscriber::Registry>()
+            && let Some(span) = registry.span(id)
+        {
+            span.extensions_mut().insert(ids);
+        }
+    });
+}
+
+/// `/pkg.Service/Method` → (`pkg.Service`, `Method`).
+fn split_path(path: &str) -> (&str, &str) {
+    path.strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .filter(|(s, m)| !s.is_empty() && !m.is_empty() && !m.contains('/'))
+        .unwrap_or(("unknown", "unknown"))
+}
+
+/// Health and reflection: not traced.
+fn is_infrastructure(service: &str) -> bool {
+    service.starts_with("grpc.")
+}
+
+fn status_of(headers: &http::HeaderMap) -> Option<i32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn code_name(code: i32) -> &'static str {
+    match code {
+        0 => "OK",
+        1 => "CANCELLED",
+        2 => "UNKNOWN",
+        3 => "INVALID_ARGUMENT",
+        4 => "DEADLINE_EXCEEDED",
+        5 => "NOT_FOUND",
+        6 => "ALREADY_EXISTS",
+        7 => "PERMISSION_DENIED",
+        8 => "RESOURCE_EXHAUSTED",
+        9 => "FAILED_PRECONDITION",
+        10 => "ABORTED",
+        11 => "OUT_OF_RANGE",
+        12 => "UNIMPLEMENTED",
+        13 => "INTERNAL",
+        14 => "UNAVAILABLE",
+        15 => "DATA_LOSS",
+        16 => "UNAUTHENTICATED",
+        _ => "UNKNOWN_CODE",
+    }
+}
+
+/// Counts the gRPC messages in a stream of body chunks (5-byte frame headers, then the
+/// announced length).
+#[derive(Debug, Default)]
+struct MessageCounter {
+    header: [u8; 5],
+    header_len: usize,
+    remaining: u64,
+}
+
+impl MessageCounter {
+    /// The messages whose header ends in `chunk`.
+    fn feed(&mut self, mut chunk: &[u8]) -> u64 {
+        let mut messages = 0;
+        while !chunk.is_empty() {
+            if self.remaining > 0 {
+                let skip = usize::try_from(self.remaining)
+                    .unwrap_or(usize::MAX)
+                    .min(chunk.len());
+                chunk = &chunk[skip..];
+                self.remaining -= skip as u64;
+                continue;
+            }
+            let take = (5 - self.header_len).min(chunk.len());
+            self.header[self.header_len..self.header_len + take].copy_from_slice(&chunk[..take]);
+            self.header_len += take;
+            chunk = &chunk[take..];
+            if self.header_len == 5 {
+                messages += 1;
+                self.header_len = 0;
+                self.remaining = u64::from(u32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]));
+            }
+        }
+        messages
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Server,
+    Client,
+}
+
+/// One call being traced and timed, finished exactly once (when its response ends, fails or
+/// is dropped).
+struct Call {
+    kind: Kind,
+    /// The span's own context when a span is recorded.
+    recorded: Option<TraceContext>,
+    parent_span_id: Option<[u8; 8]>,
+    remote_parent: bool,
+    service: String,
+    method: String,
+    peer: Option<(Arc<str>, u16)>,
+    request_id: Option<String>,
+    start: SystemTime,
+    started: Instant,
+    /// Messages of the request body (counted by its wrapper).
+    request_messages: Arc<AtomicU64>,
+    response_messages: u64,
+    status: Option<i32>,
+    done: bool,
+}
+
+impl Call {
+    fn finish(&mut self, code: i32) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let Some(pipeline) = pipeline() else {
+            return;
+        };
+        let elapsed_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        if pipeline.metrics {
+            let histogram = match self.kind {
+                Kind::Server => &SERVER_DURATION,
+                Kind::Client => &CLIENT_DURATION,
+            };
+            histogram.record(
+                rpc_attributes(&self.service, &self.method, code),
+                elapsed_ms,
+            );
+        }
+        let Some(ctx) = self.recorded.take().filter(TraceContext::is_sampled) else {
+            return;
+        };
+        let (sent, received) = match self.kind {
+            Kind::Server => (
+                self.response_messages,
+                self.request_messages.load(Ordering::Relaxed),
+            ),
+            Kind::Client => (
+                self.request_messages.load(Ordering::Relaxed),
+                self.response_messages,
+            ),
+        };
+        let mut attributes = vec![
+            kv("rpc.system", "grpc"),
+            kv("rpc.service", self.service.clone()),
+            kv("rpc.method", self.method.clone()),
+            kv_int("rpc.grpc.status_code", i64::from(code)),
+            kv_int(
+                "mesh.rpc.messages_sent",
+                i64::try_from(sent).unwrap_or(i64::MAX),
+            ),
+            kv_int(
+                "mesh.rpc.messages_received",
+                i64::try_from(received).unwrap_or(i64::MAX),
+            ),
+        ];
+        if let Some((host, port)) = &self.peer {
+            attributes.push(kv("server.address", host.to_string()));
+            attributes.push(kv_int("server.port", i64::from(*port)));
+        }
+        if let Some(id) = self.request_id.take() {
+            attributes.push(kv("mesh.request_id", id));
+        }
+        // Servers mark only their own faults as errors; a client any failure.
+        let error = match self.kind {
+            Kind::Server => matches!(code, 2 | 4 | 12 | 13 | 14 | 15),
+            Kind::Client => code != 0,
+        };
+        let end = SystemTime::now();
+        let remote_flags = 0x100 | if self.remote_parent { 0x200 } else { 0 };
+        pipeline.submit(OtlpSpan {
+            trace_id: ctx.trace_id.to_vec(),
+            span_id: ctx.span_id.to_vec(),
+            trace_state: ctx.trace_state.clone().unwrap_or_default(),
+            parent_span_id: self.parent_span_id.map(|p| p.to_vec()).unwrap_or_default(),
+            flags: u32::from(ctx.flags) | remote_flags,
+            name: format!("{}/{}", self.service, self.method),
+            kind: match self.kind {
+                Kind::Server => span::SpanKind::Server,
+                Kind::Client => span::SpanKind::Client,
+            } as i32,
+            start_time_unix_nano: unix_nanos(self.start),
+            end_time_unix_nano: unix_nanos(end),
+            attributes,
+            dropped_attributes_count: 0,
+            events: Vec::new(),
+            dropped_events_count: 0,
+            status: Some(OtlpStatus {
+                message: if error {
+                    code_name(code).into()
+                } else {
+                    String::new()
+                },
+                code: if error {
+                    status::StatusCode::Error
+                } else {
+                    status::StatusCode::Unset
+                } as i32,
+            }),
+        });
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        // Dropped before its end: the caller went away (or the call was cancelled).
+        let code = self.status.unwrap_or(1);
+        self.finish(code);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that counts the gRPC messages passing through it.
+    struct CountedBody {
+        #[pin]
+        inner: tonic::body::Body,
+        counter: MessageCounter,
+        messages: Arc<AtomicU64>,
+    }
+}
+
+impl http_body::Body for CountedBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            let n = this.counter.feed(data);
+            if n > 0 {
+                this.messages.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that counts messages, takes the status from the trailers and finishes
+    /// the call when the last frame has passed (or when it is dropped).
+    struct TracedBody<B> {
+        #[pin]
+        inner: B,
+        counter: MessageCounter,
+        call: Call,
+        // The log span the call runs in (server side), entered while the response is produced.
+        span: Span,
+    }
+}
+
+impl<B> http_body::Body for TracedBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        // A server stream is produced while this body is polled: its work and logs belong to
+        // the call's span.
+        let _entered = this.span.enter();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.call.response_messages += this.counter.feed(data);
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    if let Some(code) = status_of(trailers) {
+                        this.call.status = Some(code);
+                    }
+                    let code = this.call.status.unwrap_or(2);
+                    this.call.finish(code);
+                }
+            }
+            Poll::Ready(None) => {
+                let code = this.call.status.unwrap_or(2);
+                this.call.finish(code);
+            }
+            Poll::Ready(Some(Err(_))) => {
+                // A body error after the headers is a broken stream.
+                let code = this.call.status.unwrap_or(14);
+                this.call.finish(code);
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The server side: the call's span, trace context and duration.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServerTraceLayer;
+
+impl<S> Layer<S> for ServerTraceLayer {
+    type Service = ServerTrace<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ServerTrace { inner }
+    }
+}
+
+/// The service made by [`ServerTraceLayer`].
+#[derive(Debug, Clone)]
+pub struct ServerTrace<S> {
+    inner: S,
+}
+
+impl<S, ResB> Service<http::Request<tonic::body::Body>> for ServerTrace<S>
+where
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<ResB>>,
+    S::Future: Send + 'static,
+    ResB: http_body::Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let (service, method) = split_path(request.uri().path());
+        let (service, method) = (service.to_owned(), method.to_owned());
+        let remote = TraceContext::from_headers(request.headers());
+        let request_id = request
+            .extensions()
+            .get::<RequestId>()
+            .map(|id| id.as_str().to_owned());
+        let exporting = pipeline().filter(|p| p.traces() && !is_infrastructure(&service));
+        // With a pipeline this call gets a span of its own; without, it runs in the caller's
+        // context, which outgoing calls pass on unchanged.
+        let context = match exporting {
+            Some(p) => Some(p.sampler.start(remote.as_ref())),
+            None => remote.clone(),
+        };
+        let span = tracing::info_span!(
+            target: SPAN_TARGET,
+            "rpc",
+            otel.kind = "server",
+            rpc.method = %request.uri().path(),
+            request_id = request_id.as_deref().unwrap_or(""),
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        );
+        if let Some(ctx) = &context {
+            span.record("trace_id", ctx.trace_id_hex());
+            span.record("span_id", ctx.span_id_hex());
+        }
+        remember(
+            &span,
+            CallIds {
+                context: context.clone(),
+                request_id: request_id.clone(),
+            },
+        );
+        let request_messages = Arc::new(AtomicU64::new(0));
+        let mut call = Call {
+            kind: Kind::Server,
+            recorded: exporting.and(context),
+            parent_span_id: remote.as_ref().map(|r| r.span_id),
+            remote_parent: remote.is_some(),
+            service,
+            method,
+            peer: None,
+            request_id,
+            start: SystemTime::now(),
+            started: Instant::now(),
+            request_messages: request_messages.clone(),
+            response_messages: 0,
+            status: None,
+            done: false,
+        };
+        let request = request.map(|body| {
+            tonic::body::Body::new(CountedBody {
+                inner: body,
+                counter: MessageCounter::default(),
+                messages: request_messages,
+            })
+        });
+        let future = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        let body_span = span.clone();
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                match future.await {
+                    Ok(response) => {
+                        call.status = status_of(response.headers());
+                        Ok(response.map(|body| {
+                            tonic::body::Body::new(TracedBody {
+                                inner: body,
+                                counter: MessageCounter::default(),
+                                call,
+                                span: body_span,
+                            })
+                        }))
+                    }
+                    Err(err) => {
+                        call.finish(2);
+                        Err(err)
+                    }
+                }
+            },
+            span,
+        ))
+    }
+}
+
+/// The client side: a span per outgoing call, sent as the callee's `traceparent`.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTraceLayer {
+    peer: Option<(Arc<str>, u16)>,
+}
+
+impl ClientTraceLayer {
+    /// For calls to `uri` (its host and port become `server.address` and `server.port`).
+    pub fn new(uri: &http::Uri) -> Self {
+        let port = uri.port_u16().unwrap_or(80);
+        Self {
+            peer: uri.host().map(|h| (Arc::from(h), port)),
+        }
+    }
+}
+
+impl<S> Layer<S> for ClientTraceLayer {
+    type Service = ClientTrace<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ClientTrace {
+            inner,
+            peer: self.peer.clone(),
+        }
+    }
+}
+
+/// The service made by [`ClientTraceLayer`]: wraps a channel.
+#[derive(Debug, Clone)]
+pub struct ClientTrace<S> {
+    inner: S,
+    peer: Option<(Arc<str>, u16)>,
+}
+
+impl<S, ResB> Service<http::Request<tonic::body::Body>> for ClientTrace<S>
+where
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<ResB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResB: http_body::Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        let (service, method) = split_path(request.uri().path());
+        let (service, method) = (service.to_owned(), method.to_owned());
+        let parent = current_context();
+        let exporting = pipeline().filter(|p| p.traces() && !is_infrastructure(&service));
+        let context = match exporting {
+            Some(p) => Some(p.sampler.start(parent.as_ref())),
+            None => parent.clone(),
+        };
+        if let Some(ctx) = &context {
+            ctx.inject(request.headers_mut());
+        }
+        let request_id = request
+            .headers()
+            .get(crate::REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let request_messages = Arc::new(AtomicU64::new(0));
+        let mut call = Call {
+            kind: Kind::Client,
+            recorded: exporting.and(context),
+            parent_span_id: parent.as_ref().map(|p| p.span_id),
+            remote_parent: false,
+            service,
+            method,
+            peer: self.peer.clone(),
+            request_id,
+            start: SystemTime::now(),
+            started: Instant::now(),
+            request_messages: request_messages.clone(),
+            response_messages: 0,
+            status: None,
+            done: false,
+        };
+        let request = request.map(|body| {
+            tonic::body::Body::new(CountedBody {
+                inner: body,
+                counter: MessageCounter::default(),
+                messages: request_messages,
+            })
+        });
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            match future.await {
+                Ok(response) => {
+                    call.status = status_of(response.headers());
+                    Ok(response.map(|body| {
+                        tonic::body::Body::new(TracedBody {
+                            inner: body,
+                            counter: MessageCounter::default(),
+                            call,
+                            span: Span::none(),
+                        })
+                    }))
+                }
+                Err(err) => {
+                    // No answer at all: the transport failed.
+                    call.finish(14);
+                    Err(err)
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Message counting across arbitrary chunk boundaries, empty messages included.
+    #[test]
+    fn counts_grpc_frames() {
+        let mut stream = Vec::new();
+        for len in [0u32, 3, 70_000, 1] {
+            stream.push(0u8);
+            stream.extend_from_slice(&len.to_be_bytes());
+            stream.extend(std::iter::repeat_n(7u8, len as usize));
+        }
+        for chunk in [1, 2, 5, 7, 4096, stream.len()] {
+            let mut counter = MessageCounter::default();
+            let n: u64 = stream.chunks(chunk).map(|c| counter.feed(c)).sum();
+            assert_eq!(n, 4, "chunks of {chunk}");
+        }
+    }
+
+    /// Paths split into service and method; anything else is `unknown`.
+    #[test]
+    fn paths() {
+        assert_eq!(
+            split_path("/mesh.users.v1.UserService/GetUser"),
+            ("mesh.users.v1.UserService", "GetUser")
+        );
+        for bad in ["", "/", "//x", "/svc/", "nosl", "/a/b/c"] {
+            assert_eq!(split_path(bad), ("unknown", "unknown"), "{bad}");
+        }
+        assert!(is_infrastructure("grpc.health.v1.Health"));
+        assert!(!is_infrastructure("mesh.auth.v1.AuthService"));
+    }
+}
