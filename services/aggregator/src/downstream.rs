@@ -261,7 +261,9 @@ impl CallContext {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) => status,
             };
-            if failure.code() != Code::Unavailable || attempt >= MAX_ATTEMPTS {
+            if !(failure.code() == Code::Unavailable || never_sent(&failure))
+                || attempt >= MAX_ATTEMPTS
+            {
                 return Err(failure);
             }
             let pause = jitter(BACKOFF_BASE * 2u32.pow(attempt - 1));
@@ -290,10 +292,22 @@ impl CallContext {
     }
 }
 
+/// Whether a failed downstream call never reached the downstream: the connection closed (a
+/// GOAWAY from a draining server) while the request still waited to be written. tonic reports
+/// that as CANCELLED (hyper's "connection closed"), but nothing was cancelled and nothing ran:
+/// it is as retryable as UNAVAILABLE. Every mesh server echoes `x-request-id`, so a status
+/// without it was not the downstream's answer.
+pub(crate) fn never_sent(status: &Status) -> bool {
+    status.code() == Code::Cancelled && status.metadata().get("x-request-id").is_none()
+}
+
 /// A downstream failure as the caller sees it: the codes that mean something to a client pass
 /// through with the downstream's message (the mesh's own, safe to show); anything else is
 /// INTERNAL, logged here and never shown.
 pub(crate) fn relay(what: &'static str, status: Status) -> Status {
+    if never_sent(&status) {
+        return Status::unavailable(format!("{what} is unavailable; retry"));
+    }
     match status.code() {
         Code::InvalidArgument
         | Code::NotFound
@@ -377,6 +391,14 @@ mod tests {
         );
         assert_eq!(down.code(), Code::Unavailable);
         assert!(!down.message().contains("127.0.0.1"));
+        // A request the closing connection never sent is retryable, not the caller's cancel.
+        let unsent = relay("users", Status::cancelled("operation was canceled"));
+        assert_eq!(unsent.code(), Code::Unavailable);
+        let mut answered = Status::cancelled("the call was cancelled");
+        answered
+            .metadata_mut()
+            .insert("x-request-id", "abc".parse().expect("ascii"));
+        assert_eq!(relay("users", answered).code(), Code::Cancelled);
     }
 }
 
