@@ -10,8 +10,10 @@ const FILES: &[&str] = &[
     "mesh/auth/v1/auth.proto",
     "mesh/users/v1/users.proto",
     "mesh/aggregator/v1/aggregator.proto",
-    "mesh/bench/v1/echo.proto",
 ];
+
+/// `mesh bench`'s bare echo: built apart, with tonic's own codec, as the baseline.
+const BENCH_FILES: &[&str] = &["mesh/bench/v1/echo.proto"];
 
 const OTLP_FILES: &[&str] = &[
     "opentelemetry/proto/collector/trace/v1/trace_service.proto",
@@ -48,7 +50,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .build_transport(true)
+        // Small starting buffers: what an idle long-lived stream costs (see `codec.rs`).
+        .codec_path("crate::codec::MeshCodec")
         .compile_fds(fds)?;
+
+    let bench = protox::compile(BENCH_FILES, [&proto_root])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .build_transport(true)
+        .compile_fds(bench)?;
 
     // The OTLP subset the telemetry exporter sends (and test collectors receive). Kept apart:
     // it is not a mesh contract, is not served by reflection and is not linted as one.

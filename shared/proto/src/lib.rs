@@ -4,6 +4,8 @@
 //! and so that reflection serves the same descriptors the servers were built from. Lints are
 //! relaxed on the generated modules only.
 
+pub mod codec;
+
 /// `mesh.auth.v1`: credentials, sessions, signing keys and tokens.
 pub mod auth {
     /// Version 1 of the auth contract.
