@@ -17,6 +17,7 @@ mod config;
 pub use config::{AuthnConfig, DEFAULT_AUTH_URL, parse_url};
 
 use std::{
+    collections::HashMap,
     future::Future,
     pin::Pin,
     sync::Arc,
@@ -81,7 +82,16 @@ pub struct JwksCache {
     min_refetch: Duration,
     leeway_secs: i64,
     fetches: std::sync::atomic::AtomicU64,
+    /// Tokens already verified with the current keys, by their exact text: a client sends the
+    /// same token for its whole life, and an Ed25519 check costs far more than a lookup. Only
+    /// valid tokens get in (garbage cannot fill it), times are checked again on every use, and
+    /// new keys empty it.
+    verified: std::sync::Mutex<HashMap<Box<str>, Claims>>,
+    verified_hits: std::sync::atomic::AtomicU64,
 }
+
+/// Verified tokens kept at most; when full, the cache starts again empty.
+pub const MAX_VERIFIED_TOKENS: usize = 10_000;
 
 fn unix_now() -> i64 {
     SystemTime::now()
@@ -113,7 +123,15 @@ impl JwksCache {
             min_refetch: Self::MIN_REFETCH,
             leeway_secs: Self::LEEWAY_SECS,
             fetches: std::sync::atomic::AtomicU64::new(0),
+            verified: std::sync::Mutex::new(HashMap::new()),
+            verified_hits: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many verifications were answered from the verified-token cache.
+    pub fn verified_hits(&self) -> u64 {
+        self.verified_hits
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The same cache allowing `leeway` of clock skew on `exp` and `nbf`.
@@ -155,7 +173,12 @@ impl JwksCache {
         let verifier = Verifier::new(&jwks, &self.issuer, &self.audience, self.leeway_secs)
             .map_err(|_| AuthnError::KeysUnavailable(Status::internal("bad key in JWKS")))?;
         tracing::info!(keys = jwks.keys.len(), "fetched auth's signing keys");
-        *self.verifier.write().await = Some(verifier);
+        let mut current = self.verifier.write().await;
+        // Tokens verified with the old keys are verified again: a key may have been withdrawn.
+        if let Ok(mut verified) = self.verified.lock() {
+            verified.clear();
+        }
+        *current = Some(verifier);
         Ok(())
     }
 
@@ -182,7 +205,26 @@ impl JwksCache {
         let verifier = guard
             .as_ref()
             .ok_or_else(|| AuthnError::KeysUnavailable(Status::unavailable("no keys yet")))?;
-        Ok(verifier.verify(token, unix_now())?)
+        let now = unix_now();
+        let known = self
+            .verified
+            .lock()
+            .ok()
+            .and_then(|verified| verified.get(token).cloned());
+        if let Some(claims) = known {
+            verifier.check_time(&claims, now)?;
+            self.verified_hits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(claims);
+        }
+        let claims = verifier.verify(token, now)?;
+        if let Ok(mut verified) = self.verified.lock() {
+            if verified.len() >= MAX_VERIFIED_TOKENS {
+                verified.clear();
+            }
+            verified.insert(token.into(), claims.clone());
+        }
+        Ok(claims)
     }
 }
 

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use ed25519_dalek::Signer as _;
-use mesh_authn::{AuthLayer, BearerToken, Claims, JwksCache};
+use mesh_authn::{AuthLayer, AuthnError, BearerToken, Claims, JwksCache};
 use mesh_proto::{
     auth::v1::{IssueServiceTokenRequest, RegisterRequest, auth_service_client::AuthServiceClient},
     users::v1::{
@@ -20,7 +20,7 @@ use mesh_runtime::{
     Lifecycle, ServerConfig, ServiceSpec,
     testing::{TestServer, connect},
 };
-use mesh_token::KeyRing;
+use mesh_token::{KeyRing, TokenError};
 use tonic::{Code, Request, Response, Status};
 use tower::Layer as _;
 
@@ -361,6 +361,62 @@ async fn refetches_keys_after_rotation() {
         .await
         .expect("old tokens stay valid");
     assert_eq!(cache.fetches(), 2);
+    second.shutdown().await.expect("stopped");
+}
+
+/// A token verified once is answered from the cache after that, but its expiry is checked on
+/// every use, and keys fetched anew (a key withdrawn) empty the cache.
+#[tokio::test]
+async fn verified_tokens_are_cached_and_still_checked() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let old = data.path().join("old.pem");
+    let new = data.path().join("new.pem");
+    KeyRing::load_or_create_dev_key(&old).expect("old key");
+    KeyRing::load_or_create_dev_key(&new).expect("new key");
+    let old_ring = KeyRing::load_pem_files(std::slice::from_ref(&old)).expect("old");
+    let new_ring = KeyRing::load_pem_files(std::slice::from_ref(&new)).expect("new");
+    let first = start_auth_on(([127, 0, 0, 1], 0).into(), data.path(), vec![old.clone()]).await;
+    let addr = first.addr;
+    let cache = Arc::new(
+        JwksCache::new(connect(addr).await, "mesh-auth", "mesh")
+            .with_min_refetch(Duration::ZERO)
+            .with_leeway(Duration::ZERO),
+    );
+
+    // Verified once, then from the cache.
+    let token = old_ring.sign(&claims("cached-user"));
+    for _ in 0..3 {
+        assert_eq!(
+            cache.verify(&token).await.expect("valid").sub,
+            "cached-user"
+        );
+    }
+    assert_eq!(cache.verified_hits(), 2);
+
+    // A cached token still expires.
+    let short = old_ring.sign(&Claims {
+        exp: now() + 1,
+        ..claims("short-lived")
+    });
+    cache.verify(&short).await.expect("valid for a second");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(matches!(
+        cache.verify(&short).await,
+        Err(AuthnError::Invalid(TokenError::Expired))
+    ));
+
+    // auth now publishes only the new key: once the cache fetches keys again, the old key's
+    // tokens are refused, cached or not.
+    first.shutdown().await.expect("stopped");
+    let second = start_auth_on(addr, data.path(), vec![new]).await;
+    cache
+        .verify(&new_ring.sign(&claims("new-user")))
+        .await
+        .expect("new key fetched");
+    assert!(matches!(
+        cache.verify(&token).await,
+        Err(AuthnError::Invalid(TokenError::UnknownKey(_)))
+    ));
     second.shutdown().await.expect("stopped");
 }
 

@@ -200,13 +200,20 @@ impl Verifier {
         if !claims.aud.contains(&self.audience) {
             return Err(TokenError::Audience);
         }
+        self.check_time(&claims, now)?;
+        Ok(claims)
+    }
+
+    /// Whether `claims` (already verified) are still in force at `now`: `exp` not passed and
+    /// `nbf` reached, with the leeway. Callers that keep verified claims re-check this.
+    pub fn check_time(&self, claims: &Claims, now: i64) -> Result<(), TokenError> {
         if now >= claims.exp.saturating_add(self.leeway_secs) {
             return Err(TokenError::Expired);
         }
         if now.saturating_add(self.leeway_secs) < claims.nbf {
             return Err(TokenError::NotYetValid);
         }
-        Ok(claims)
+        Ok(())
     }
 }
 
