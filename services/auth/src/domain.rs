@@ -125,9 +125,12 @@ impl PasswordHasher {
             .await
             .map_err(|_| AuthError::Internal("hasher closed".into()))?;
         let argon2 = self.argon2.clone();
-        tokio::task::spawn_blocking(move || work(&argon2))
-            .await
-            .map_err(|e| AuthError::Internal(format!("hashing task failed: {e}")))
+        tokio::task::spawn_blocking(move || {
+            yield_to_the_runtime();
+            work(&argon2)
+        })
+        .await
+        .map_err(|e| AuthError::Internal(format!("hashing task failed: {e}")))
     }
 
     /// The PHC string of `password` with a fresh salt.
@@ -160,6 +163,31 @@ impl PasswordHasher {
             })
             .await?;
         Ok(known && matches)
+    }
+}
+
+/// Lowers the CPU priority of the calling (blocking-pool) thread to nice 10, once per thread.
+///
+/// Argon2id keeps every core it gets busy; at the same priority the runtime's workers wait
+/// their turn behind it, and a health check or token check answered in a millisecond when idle
+/// takes several during a login storm. At nice 10 the hashing still gets all the CPU nothing
+/// else wants, but the workers preempt it. In auth the blocking pool runs nothing else. Linux
+/// only (elsewhere `setpriority` would renice the whole process).
+fn yield_to_the_runtime() {
+    #[cfg(target_os = "linux")]
+    {
+        thread_local! {
+            static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
+        LOWERED.with(|lowered| {
+            if !lowered.get() {
+                lowered.set(true);
+                let tid = rustix::thread::gettid();
+                if let Err(err) = rustix::process::setpriority_process(Some(tid), 10) {
+                    tracing::debug!(error = %err, "cannot lower the hashing thread's priority");
+                }
+            }
+        });
     }
 }
 
