@@ -23,6 +23,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use futures_util::StreamExt as _;
 use mesh_proto::otlp::{
     collector::{
         metrics::v1::{ExportMetricsServiceRequest, metrics_service_client::MetricsServiceClient},
@@ -381,6 +382,14 @@ impl Telemetry {
     }
 }
 
+/// Span export calls under way at once at most.
+const MAX_EXPORTS_IN_FLIGHT: usize = 4;
+
+/// One span export call.
+type Export = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(), (&'static str, tonic::Status)>> + Send>,
+>;
+
 /// The task that sends spans and metrics to the collector.
 struct Exporter {
     traces: Option<TraceServiceClient<Channel>>,
@@ -479,12 +488,11 @@ impl Exporter {
         request
     }
 
-    async fn export_spans(&mut self, spans: Vec<Span>) {
-        let Some(mut client) = self.traces.clone() else {
-            return;
-        };
+    /// One export call for `spans` (none when there is nothing to send).
+    fn export_spans(&self, spans: Vec<Span>) -> Option<Export> {
+        let mut client = self.traces.clone()?;
         if spans.is_empty() {
-            return;
+            return None;
         }
         let request = self.request(ExportTraceServiceRequest {
             resource_spans: vec![ResourceSpans {
@@ -497,9 +505,13 @@ impl Exporter {
                 schema_url: String::new(),
             }],
         });
-        if let Err(status) = client.export(request).await {
-            self.complain("spans", &status);
-        }
+        Some(Box::pin(async move {
+            client
+                .export(request)
+                .await
+                .map(drop)
+                .map_err(|s| ("spans", s))
+        }))
     }
 
     async fn export_metrics(&mut self) {
@@ -533,6 +545,9 @@ impl Exporter {
         mut control: mpsc::Receiver<oneshot::Sender<()>>,
     ) {
         let mut batch = Vec::with_capacity(config.max_batch);
+        // Export calls under way: a few at once, so that one slow answer does not stop the
+        // queue from draining; past that the queue (bounded) fills and drops.
+        let mut in_flight = futures_util::stream::FuturesUnordered::new();
         let mut span_tick = tokio::time::interval(config.schedule_delay);
         let mut metric_tick = tokio::time::interval(config.metric_interval);
         span_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -547,25 +562,37 @@ impl Exporter {
                     while let Ok(span) = spans.try_recv() {
                         batch.push(span);
                         if batch.len() >= config.max_batch {
-                            self.export_spans(std::mem::take(&mut batch)).await;
+                            in_flight.extend(self.export_spans(std::mem::take(&mut batch)));
                         }
                     }
-                    self.export_spans(std::mem::take(&mut batch)).await;
+                    in_flight.extend(self.export_spans(std::mem::take(&mut batch)));
+                    while let Some(result) = in_flight.next().await {
+                        if let Err((what, status)) = result {
+                            self.complain(what, &status);
+                        }
+                    }
                     self.export_metrics().await;
                     if let Some(done) = done {
                         let _ = done.send(());
                     }
                     return;
                 }
-                span = spans.recv() => {
-                    let Some(span) = span else { return };
-                    batch.push(span);
-                    if batch.len() >= config.max_batch {
-                        self.export_spans(std::mem::take(&mut batch)).await;
+                Some(result) = in_flight.next(), if !in_flight.is_empty() => {
+                    if let Err((what, status)) = result {
+                        self.complain(what, &status);
                     }
                 }
-                _ = span_tick.tick() => {
-                    self.export_spans(std::mem::take(&mut batch)).await;
+                span = spans.recv(), if in_flight.len() < MAX_EXPORTS_IN_FLIGHT
+                    || batch.len() < config.max_batch =>
+                {
+                    let Some(span) = span else { return };
+                    batch.push(span);
+                    if batch.len() >= config.max_batch && in_flight.len() < MAX_EXPORTS_IN_FLIGHT {
+                        in_flight.extend(self.export_spans(std::mem::take(&mut batch)));
+                    }
+                }
+                _ = span_tick.tick(), if in_flight.len() < MAX_EXPORTS_IN_FLIGHT => {
+                    in_flight.extend(self.export_spans(std::mem::take(&mut batch)));
                 }
                 _ = metric_tick.tick() => {
                     self.export_metrics().await;
