@@ -8,13 +8,14 @@
 //! `<results>/<scenario>.json`, `.md` and `.svg` (latency by percentile).
 //!
 //! Scenarios: `echo`, `get-user`, `get-me`, `get-me-delay`, `get-profiles`, `watch`, `login`,
-//! `tracing` and `users`; `docs/benchmarks.md` shows a run of each.
+//! `overload`, `tracing` and `users`; `docs/benchmarks.md` shows a run of each.
 
 mod aggregator;
 mod echo;
 mod fixtures;
 mod login;
 mod measure;
+mod overload;
 mod report;
 mod tracing;
 mod users;
@@ -78,6 +79,9 @@ pub(crate) struct BenchArgs {
     /// `watch`: changes sent to every subscriber (each timed to all of them).
     #[arg(long, default_value_t = 5)]
     events: usize,
+    /// `overload`: the server's concurrency limit (loaded at 1×, 2× and 5× it).
+    #[arg(long, default_value_t = 8)]
+    limit: usize,
     /// Folder for the results.
     #[arg(long, env = "MESH_BENCH_RESULTS", default_value = "bench-results")]
     results: PathBuf,
@@ -104,6 +108,8 @@ enum Scenario {
     Watch,
     /// Argon2 Login throughput vs the raw hash rate; health latency during the storm.
     Login,
+    /// Login at 1×, 2× and 5× auth's concurrency limit: shed share, latencies, RSS.
+    Overload,
     /// GetMe through a real `mesh up` with tracing off, exporting 100 % and 10 % of traces.
     Tracing,
     /// users in depth: GetUser at 1/16/64 callers, BatchGetUsers, UpdateUser, WatchUsers delay.
@@ -123,6 +129,7 @@ impl Scenario {
             Self::GetProfiles => "get-profiles",
             Self::Watch => "watch",
             Self::Login => "login",
+            Self::Overload => "overload",
             Self::Tracing => "tracing",
             Self::Users => "users",
             Self::EchoServer => "echo-server",
@@ -162,6 +169,7 @@ pub(crate) struct Settings {
     subscribers: usize,
     streams_per_connection: usize,
     events: usize,
+    limit: usize,
 }
 
 impl Settings {
@@ -285,6 +293,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), BenchError> {
         subscribers: args.subscribers.max(1),
         streams_per_connection: args.streams_per_connection.max(1),
         events: args.events.max(1),
+        limit: args.limit.max(1),
     };
     let servers = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.server_threads)
@@ -307,6 +316,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), BenchError> {
         Scenario::GetProfiles => aggregator::get_profiles(&settings).await,
         Scenario::Watch => aggregator::watch(&settings).await,
         Scenario::Login => login::login(&settings).await,
+        Scenario::Overload => overload::overload(&settings).await,
         Scenario::Tracing => tracing::tracing(&settings).await,
         Scenario::Users => users::users(&settings).await,
         Scenario::EchoServer => Ok(Outcome::default()),

@@ -195,3 +195,22 @@ fn tracing() {
     assert!((4.5..8.0).contains(&all), "{value}");
     assert!(tenth < all / 2.0, "{value}");
 }
+
+/// `overload`: at 5× the limit most calls are shed, and nothing fails with another code.
+#[test]
+fn overload() {
+    let value = run("overload", &["--limit", "2"]);
+    // The baseline, then accepted and shed rows for each of the three loads.
+    assert_eq!(names(&value).len(), 7, "{value}");
+    for m in &value["measurements"].as_array().expect("list")[1..] {
+        assert_eq!(m["errors"], 0, "{m}");
+    }
+    assert!(
+        value["measurements"][1]["calls"].as_u64() > Some(0),
+        "{value}"
+    );
+    assert!(
+        figure(&value, "5× the limit: share of calls shed") > 0.0,
+        "{value}"
+    );
+}

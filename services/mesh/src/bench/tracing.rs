@@ -38,10 +38,11 @@ use super::{
     report::Figure,
 };
 
-/// A collector that counts the spans it is sent.
+/// A collector that counts the spans it is sent, in all and by service.
 #[derive(Debug, Clone, Default)]
 struct Counting {
     spans: Arc<AtomicU64>,
+    by_service: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>,
 }
 
 #[tonic::async_trait]
@@ -50,14 +51,25 @@ impl TraceService for Counting {
         &self,
         request: Request<ExportTraceServiceRequest>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        let n: usize = request
-            .get_ref()
-            .resource_spans
-            .iter()
-            .flat_map(|r| &r.scope_spans)
-            .map(|s| s.spans.len())
-            .sum();
-        self.spans.fetch_add(n as u64, Ordering::Relaxed);
+        for rs in &request.get_ref().resource_spans {
+            let n: usize = rs.scope_spans.iter().map(|s| s.spans.len()).sum();
+            self.spans.fetch_add(n as u64, Ordering::Relaxed);
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                    mesh_proto::otlp::common::v1::any_value::Value::StringValue(s) => {
+                        Some(s.clone())
+                    }
+                    _ => None,
+                })
+                .unwrap_or_default();
+            if let Ok(mut by) = self.by_service.lock() {
+                *by.entry(service).or_default() += n as u64;
+            }
+        }
         Ok(Response::new(ExportTraceServiceResponse::default()))
     }
 }
@@ -95,13 +107,59 @@ fn free_port() -> Result<SocketAddr, BenchError> {
     listener.local_addr().map_err(setup)
 }
 
-/// One `mesh up` with `env`, driven with GetMe; the spans the collector got meanwhile.
+/// CPU time (user + system, in clock ticks) used so far by the children of process `parent`:
+/// the three services of a `mesh up`.
+fn children_cpu_ticks(parent: u32) -> u64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut total = 0;
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().parse::<u32>().is_err() {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // After the parenthesised name: state, ppid, …; utime and stime are the 12th and 13th.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(1).and_then(|p| p.parse::<u32>().ok()) != Some(parent) {
+            continue;
+        }
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        total += ticks(11) + ticks(12);
+    }
+    total
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// One run of one mode.
+#[derive(Debug)]
+struct Run {
+    measurement: Measurement,
+    /// Spans the collector got per GetMe made (warm-up included, flushed at shutdown).
+    spans_per_call: f64,
+    /// CPU time the three services spent per measured GetMe.
+    cpu_us_per_call: f64,
+}
+
+/// One `mesh up` with `env`, driven with GetMe.
 async fn measure(
     settings: &Settings,
     name: &str,
     env: &[(&str, String)],
     spans: &AtomicU64,
-) -> Result<(Measurement, f64), BenchError> {
+) -> Result<Run, BenchError> {
     static RUNS: AtomicU64 = AtomicU64::new(0);
     let data = std::env::temp_dir().join(format!(
         "mesh-bench-tracing-{}-{}",
@@ -129,6 +187,7 @@ async fn measure(
     }
     let before = spans.load(Ordering::Relaxed);
     let mut child = command.spawn().map_err(setup)?;
+    let mesh_pid = child.id().unwrap_or(0);
     let measured = async {
         super::aggregator::wait_serving(agg, Duration::from_secs(60)).await?;
         let channels = Arc::new(channels(agg, settings.connections).await?);
@@ -150,15 +209,15 @@ async fn measure(
             let request = bearer(&token, GetMeRequest {});
             async move { client.get_me(request).await.is_ok() }
         };
-        // Spans of the warm-up and sign-up are not counted.
-        drive(
+        // The warm-up as a run of its own, so its calls (and their spans) are counted.
+        let warm = drive(
             settings.concurrency,
-            settings.warmup,
             Duration::ZERO,
+            settings.warmup,
             call.clone(),
         )
         .await;
-        let before = spans.load(Ordering::Relaxed);
+        let cpu_before = children_cpu_ticks(mesh_pid);
         let driven = drive(
             settings.concurrency,
             Duration::ZERO,
@@ -166,7 +225,8 @@ async fn measure(
             call,
         )
         .await;
-        Ok::<_, BenchError>((driven, before))
+        let cpu = children_cpu_ticks(mesh_pid).saturating_sub(cpu_before);
+        Ok::<_, BenchError>((driven, warm.latencies.len(), cpu))
     }
     .await;
     // SIGTERM: the services drain and flush what they queued.
@@ -179,14 +239,29 @@ async fn measure(
     let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
     let _ = child.kill().await;
     let _ = std::fs::remove_dir_all(&data);
-    let (driven, warm_calls) = measured?;
-    // Everything exported, flushed at shutdown, per GetMe made (warm-up included).
+    let (driven, warm_calls, cpu_ticks) = measured?;
     let exported = spans.load(Ordering::Relaxed) - before;
     let calls = (driven.latencies.len() + warm_calls).max(1);
-    Ok((driven.measurement(name), exported as f64 / calls as f64))
+    Ok(Run {
+        spans_per_call: exported as f64 / calls as f64,
+        cpu_us_per_call: cpu_ticks as f64 / TICKS_PER_SECOND * 1e6
+            / driven.latencies.len().max(1) as f64,
+        measurement: driven.measurement(name),
+    })
 }
 
-/// `tracing`: GetMe with tracing off, at 100 % and at 10 % parent-based sampling.
+/// Rounds of the three runs; each mode is reported by its median round.
+const ROUNDS: usize = 3;
+
+/// The median of `values`.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// `tracing`: GetMe with tracing off, at 100 % and at 10 % parent-based sampling, in
+/// [`ROUNDS`] interleaved rounds (off, 100 %, 10 %, off, …), so that a drift of the machine over
+/// the run does not read as a cost; each mode is reported by its median run.
 pub(super) async fn tracing(settings: &Settings) -> Result<Outcome, BenchError> {
     let counting = Counting::default();
     let collector = start_collector(counting.clone()).await?;
@@ -201,50 +276,123 @@ pub(super) async fn tracing(settings: &Settings) -> Result<Outcome, BenchError> 
         }
         env
     };
-    let (off, _) = measure(settings, "GetMe, tracing off", &[], &counting.spans).await?;
-    let (all, all_spans) = measure(
-        settings,
-        "GetMe, every trace exported",
-        &exporting("parentbased_always_on", None),
-        &counting.spans,
-    )
-    .await?;
-    let (tenth, tenth_spans) = measure(
-        settings,
-        "GetMe, 10 % of traces exported (parent-based)",
-        &exporting("parentbased_traceidratio", Some("0.1")),
-        &counting.spans,
-    )
-    .await?;
+    let modes: [(&str, Vec<(&str, String)>); 3] = [
+        ("GetMe, tracing off", Vec::new()),
+        (
+            "GetMe, every trace exported",
+            exporting("parentbased_always_on", None),
+        ),
+        (
+            "GetMe, 10 % of traces exported (parent-based)",
+            exporting("parentbased_traceidratio", Some("0.1")),
+        ),
+    ];
+    let snapshot = || {
+        counting
+            .by_service
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    };
+    let mut runs: [Vec<Run>; 3] = Default::default();
+    let mut by_service = Vec::new();
+    for _ in 0..ROUNDS {
+        for (i, (name, env)) in modes.iter().enumerate() {
+            let before = snapshot();
+            runs[i].push(measure(settings, name, env, &counting.spans).await?);
+            if i == 1 && by_service.is_empty() {
+                by_service = snapshot()
+                    .into_iter()
+                    .map(|(svc, n)| format!("{svc} {}", n - before.get(&svc).copied().unwrap_or(0)))
+                    .collect();
+            }
+        }
+    }
     collector.stop().await;
-    let overhead =
-        |m: &Measurement| 100.0 * (1.0 - m.per_second / off.per_second.max(f64::MIN_POSITIVE));
+    let every_run: Vec<String> = runs
+        .iter()
+        .zip(&modes)
+        .map(|(list, (name, _))| {
+            let each: Vec<String> = list
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{:.0}/s at {:.0} µs",
+                        r.measurement.per_second, r.cpu_us_per_call
+                    )
+                })
+                .collect();
+            format!("{name}: {}", each.join(", "))
+        })
+        .collect();
+    let cpu = runs
+        .each_ref()
+        .map(|list| median(list.iter().map(|r| r.cpu_us_per_call).collect()));
+    let [off, all, tenth] = runs.map(|mut list| {
+        list.sort_by(|a, b| {
+            a.measurement
+                .per_second
+                .total_cmp(&b.measurement.per_second)
+        });
+        list.swap_remove(list.len() / 2)
+    });
+    let lost = |m: &Measurement| {
+        100.0 * (1.0 - m.per_second / off.measurement.per_second.max(f64::MIN_POSITIVE))
+    };
     let figures = vec![
         Figure::at_most(
-            "throughput cost of exporting every trace",
-            overhead(&all),
+            "CPU cost of exporting every trace",
+            100.0 * (cpu[1] / cpu[0] - 1.0),
             "%",
             10.0,
         ),
         Figure::at_most(
-            "throughput cost at 10 % sampling",
-            overhead(&tenth),
+            "CPU cost at 10 % sampling",
+            100.0 * (cpu[2] / cpu[0] - 1.0),
             "%",
             3.0,
         ),
-        Figure::new("spans exported per GetMe, 100 %", all_spans, "spans"),
-        Figure::new("spans exported per GetMe, 10 %", tenth_spans, "spans"),
+        Figure::new("services' CPU per GetMe, tracing off", cpu[0], "µs"),
+        Figure::new("services' CPU per GetMe, 100 %", cpu[1], "µs"),
+        Figure::new("services' CPU per GetMe, 10 %", cpu[2], "µs"),
+        Figure::new(
+            "throughput cost of exporting every trace",
+            lost(&all.measurement),
+            "%",
+        ),
+        Figure::new(
+            "throughput cost at 10 % sampling",
+            lost(&tenth.measurement),
+            "%",
+        ),
+        Figure::new(
+            "spans exported per GetMe, 100 %",
+            all.spans_per_call,
+            "spans",
+        ),
+        Figure::new(
+            "spans exported per GetMe, 10 %",
+            tenth.spans_per_call,
+            "spans",
+        ),
     ];
     Ok(Outcome {
-        measurements: vec![off, all, tenth],
+        measurements: vec![off.measurement, all.measurement, tenth.measurement],
         figures,
         notes: vec![
-            "Each row is its own `mesh up` (three processes, SQLite) on the same two cores as the \
-             load generator and the collector; a GetMe makes five spans (the aggregator's server \
-             span and two client spans, users' and auth's server spans). The costs are the \
-             throughput lost against the run with tracing off, and move by a few percent \
-             between runs on a shared machine."
+            "Each run is its own `mesh up` (three processes, SQLite) on the same two cores as the \
+             load generator and the collector (which decodes every span it gets, on those cores \
+             too); a GetMe makes five spans (the aggregator's server span and two client spans, \
+             users' and auth's server spans). Each row is its mode's median run by throughput. \
+             The CPU costs compare the median CPU time the three service processes spent per \
+             GetMe (from /proc, 10 ms ticks): unlike throughput, that leaves out the load \
+             generator and the collector, which share the cores."
                 .into(),
+            format!("Every run, by mode: {}.", every_run.join("; ")),
+            format!(
+                "Spans received in the first 100 % run, by service: {}.",
+                by_service.join(", ")
+            ),
         ],
     })
 }

@@ -1,0 +1,194 @@
+//! Scenario `overload`: load shedding at 1×, 2× and 5× a server's concurrency limit. `mesh auth`
+//! runs as a child process with `--concurrency-limit` `--limit`, and `Login` (Argon2id: tens of
+//! milliseconds each, so calls really pile up) is called by limit × k callers at once. For each
+//! load: accepted calls and their latency, shed calls (`RESOURCE_EXHAUSTED`) and how fast they
+//! were refused, anything else (there should be nothing), and auth's resident memory.
+
+use std::{
+    net::SocketAddr,
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use mesh_proto::auth::v1::{LoginRequest, RegisterRequest, auth_service_client::AuthServiceClient};
+use tonic::Code;
+
+use super::{
+    BenchError, Outcome, Settings, channels,
+    fixtures::setup,
+    measure::{Latencies, Measurement},
+    report::Figure,
+    rss_kib,
+};
+
+const EMAIL: &str = "overload@example.com";
+const PASSWORD: &str = "benchmark password";
+/// The loads, as multiples of the limit.
+const LOADS: [usize; 3] = [1, 2, 5];
+
+/// What `callers` saw over `duration`.
+#[derive(Debug, Default)]
+struct Seen {
+    accepted: Latencies,
+    shed: Latencies,
+    other: u64,
+    elapsed: Duration,
+    peak_rss_kib: u64,
+}
+
+async fn storm(
+    channels: Arc<Vec<tonic::transport::Channel>>,
+    callers: usize,
+    duration: Duration,
+    pid: u32,
+) -> Seen {
+    let start = Instant::now();
+    let workers: Vec<_> = (0..callers)
+        .map(|w| {
+            let channel = channels[w % channels.len()].clone();
+            tokio::spawn(async move {
+                let mut client = AuthServiceClient::new(channel);
+                let mut seen = Seen::default();
+                while start.elapsed() < duration {
+                    let began = Instant::now();
+                    let reply = client
+                        .login(LoginRequest {
+                            email: EMAIL.into(),
+                            password: PASSWORD.into(),
+                        })
+                        .await;
+                    match reply {
+                        Ok(_) => seen.accepted.record(began.elapsed()),
+                        Err(s) if s.code() == Code::ResourceExhausted => {
+                            seen.shed.record(began.elapsed());
+                            // A client told to back off waits a moment before it asks again.
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Err(_) => seen.other += 1,
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    // Auth's memory, sampled while the storm runs.
+    let sampler = tokio::spawn(async move {
+        let mut peak = 0;
+        while start.elapsed() < duration {
+            peak = peak.max(rss_kib(pid).unwrap_or(0));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        peak
+    });
+    let mut total = Seen::default();
+    for worker in workers {
+        if let Ok(seen) = worker.await {
+            total.accepted.merge(&seen.accepted);
+            total.shed.merge(&seen.shed);
+            total.other += seen.other;
+        }
+    }
+    total.elapsed = start.elapsed();
+    total.peak_rss_kib = sampler.await.unwrap_or(0);
+    total
+}
+
+/// `overload`: Login at 1×, 2× and 5× auth's concurrency limit.
+pub(super) async fn overload(settings: &Settings) -> Result<Outcome, BenchError> {
+    let limit = settings.limit.max(1);
+    let data = std::env::temp_dir().join(format!("mesh-bench-overload-{}", std::process::id()));
+    let addr: SocketAddr = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(setup)?;
+        listener.local_addr().map_err(setup)?
+    };
+    let mut child = tokio::process::Command::new(std::env::current_exe().map_err(setup)?)
+        .arg("auth")
+        .args(["--listen", &addr.to_string()])
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--concurrency-limit", &limit.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(setup)?;
+    let pid = child.id().ok_or_else(|| setup("auth exited at once"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let channels = loop {
+        if let Ok(c) = channels(addr, settings.connections).await {
+            break Arc::new(c);
+        }
+        if Instant::now() > deadline {
+            return Err(setup("auth never listened"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    AuthServiceClient::new(channels[0].clone())
+        .register(RegisterRequest {
+            email: EMAIL.into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .map_err(|e| setup(format!("register: {e}")))?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle_rss = rss_kib(pid).unwrap_or(0);
+
+    let mut measurements = Vec::new();
+    let mut figures = vec![Figure::new(
+        "auth RSS, idle",
+        idle_rss as f64 / 1024.0,
+        "MiB",
+    )];
+    let mut notes = Vec::new();
+    for k in LOADS {
+        let callers = limit * k;
+        if !settings.warmup.is_zero() {
+            storm(channels.clone(), callers, settings.warmup, pid).await;
+        }
+        let seen = storm(channels.clone(), callers, settings.duration, pid).await;
+        let (accepted, shed) = (seen.accepted.len(), seen.shed.len());
+        let all = (accepted + shed + seen.other).max(1);
+        measurements.push(Measurement::new(
+            format!("Login accepted, {callers} callers ({k}× the limit)"),
+            &seen.accepted,
+            seen.other,
+            seen.elapsed,
+        ));
+        measurements.push(Measurement::new(
+            format!("Login shed (RESOURCE_EXHAUSTED), {callers} callers"),
+            &seen.shed,
+            0,
+            seen.elapsed,
+        ));
+        figures.push(Figure::new(
+            format!("{k}× the limit: share of calls shed"),
+            100.0 * shed as f64 / all as f64,
+            "%",
+        ));
+        figures.push(Figure::new(
+            format!("{k}× the limit: auth peak RSS"),
+            seen.peak_rss_kib as f64 / 1024.0,
+            "MiB",
+        ));
+        if seen.other > 0 {
+            notes.push(format!(
+                "{k}×: {} calls failed with another code than RESOURCE_EXHAUSTED",
+                seen.other
+            ));
+        }
+    }
+    let _ = child.kill().await;
+    let _ = std::fs::remove_dir_all(&data);
+    notes.push(format!(
+        "auth in its own process with --concurrency-limit {limit}; every caller logs in again as \
+         soon as it has its answer, and waits 5 ms after being shed. Accepted logins queue for \
+         the Argon2id permits (one per core), so their latency grows with the limit, not with \
+         the load; shed calls are refused before any work."
+    ));
+    Ok(Outcome {
+        measurements,
+        figures,
+        notes,
+    })
+}
