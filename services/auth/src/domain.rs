@@ -1,4 +1,4 @@
-//! The auth domain: validated inputs, password hashing on the blocking pool, refresh tokens and
+//! The auth domain: validated inputs, password hashing on threads of its own, refresh tokens and
 //! login throttling. Plain Rust, no gRPC types.
 
 use std::{
@@ -75,11 +75,17 @@ pub(crate) fn check_password(password: &str) -> Result<(), AuthError> {
     }
 }
 
-/// Argon2id hashing and verification, run on the blocking pool behind a bound of one per core
-/// so a login storm never starves the runtime's workers (or health checks).
+/// One piece of hashing work for the hashing threads.
+type Job = Box<dyn FnOnce(&Argon2<'static>) + Send>;
+
+/// Argon2id hashing and verification on threads of their own, one per core, at a lower CPU
+/// priority, behind a permit per thread: a login storm never starves the runtime's workers (or
+/// health checks), and memory stays bounded — each Argon2id call takes 19 MiB, and the
+/// allocator keeps that memory per thread, so the number of hashing threads bounds it (on
+/// tokio's blocking pool, whose threads come and go, auth grew to 490 MiB in a storm).
 #[derive(Debug, Clone)]
 pub(crate) struct PasswordHasher {
-    argon2: Argon2<'static>,
+    jobs: std::sync::mpsc::SyncSender<Job>,
     permits: Arc<Semaphore>,
     /// A hash of a random password, verified against when the e-mail is unknown so that the
     /// answer takes as long as for a wrong password.
@@ -96,9 +102,33 @@ pub(crate) fn argon2_params() -> Params {
 impl PasswordHasher {
     pub(crate) async fn new(concurrency: usize) -> Result<Self, AuthError> {
         let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, argon2_params());
+        let threads = concurrency.max(1);
+        // Never more jobs than threads are handed over (the permits), so this never blocks.
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(threads);
+        let queue = Arc::new(Mutex::new(queue));
+        for i in 0..threads {
+            let (queue, argon2) = (queue.clone(), argon2.clone());
+            std::thread::Builder::new()
+                .name(format!("argon2-{i}"))
+                .spawn(move || {
+                    yield_to_the_runtime();
+                    loop {
+                        // Ends when every hasher (every sender) is gone.
+                        let job = match queue.lock() {
+                            Ok(queue) => queue.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(&argon2),
+                            Err(_) => return,
+                        }
+                    }
+                })
+                .map_err(|e| AuthError::Internal(format!("hashing thread: {e}")))?;
+        }
         let mut hasher = Self {
-            argon2,
-            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            jobs,
+            permits: Arc::new(Semaphore::new(threads)),
             dummy_hash: Arc::new(String::new()),
             queued: Arc::default(),
         };
@@ -119,18 +149,24 @@ impl PasswordHasher {
         use std::sync::atomic::Ordering;
         self.queued.fetch_add(1, Ordering::Relaxed);
         let _queued = scopeguard(self.queued.clone());
-        let _permit = self
+        // The permit goes with the job and is released when the work is done, even if the
+        // caller has gone: no more jobs than threads are ever handed over.
+        let permit = self
             .permits
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| AuthError::Internal("hasher closed".into()))?;
-        let argon2 = self.argon2.clone();
-        tokio::task::spawn_blocking(move || {
-            yield_to_the_runtime();
-            work(&argon2)
-        })
-        .await
-        .map_err(|e| AuthError::Internal(format!("hashing task failed: {e}")))
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.jobs
+            .try_send(Box::new(move |argon2: &Argon2<'static>| {
+                let _ = done.send(work(argon2));
+                drop(permit);
+            }))
+            .map_err(|e| AuthError::Internal(format!("hashing threads unavailable: {e}")))?;
+        result
+            .await
+            .map_err(|_| AuthError::Internal("hashing thread failed".into()))
     }
 
     /// The PHC string of `password` with a fresh salt.
@@ -166,28 +202,20 @@ impl PasswordHasher {
     }
 }
 
-/// Lowers the CPU priority of the calling (blocking-pool) thread to nice 10, once per thread.
+/// Lowers the CPU priority of the calling (hashing) thread to nice 10.
 ///
 /// Argon2id keeps every core it gets busy; at the same priority the runtime's workers wait
 /// their turn behind it, and a health check or token check answered in a millisecond when idle
 /// takes several during a login storm. At nice 10 the hashing still gets all the CPU nothing
-/// else wants, but the workers preempt it. In auth the blocking pool runs nothing else. Linux
-/// only (elsewhere `setpriority` would renice the whole process).
+/// else wants, but the workers preempt it. Linux only (elsewhere `setpriority` would renice the
+/// whole process).
 fn yield_to_the_runtime() {
     #[cfg(target_os = "linux")]
     {
-        thread_local! {
-            static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        let tid = rustix::thread::gettid();
+        if let Err(err) = rustix::process::setpriority_process(Some(tid), 10) {
+            tracing::debug!(error = %err, "cannot lower the hashing thread's priority");
         }
-        LOWERED.with(|lowered| {
-            if !lowered.get() {
-                lowered.set(true);
-                let tid = rustix::thread::gettid();
-                if let Err(err) = rustix::process::setpriority_process(Some(tid), 10) {
-                    tracing::debug!(error = %err, "cannot lower the hashing thread's priority");
-                }
-            }
-        });
     }
 }
 

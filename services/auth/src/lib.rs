@@ -5,7 +5,7 @@
 //! [`run`]. Tests call [`serve`] with a listener bound on port 0.
 //!
 //! Layers, top-down: [`Config`] → `server` (the tonic handlers: parse, validate, map errors) →
-//! `domain` (e-mail and password rules, Argon2id on the blocking pool, refresh tokens,
+//! `domain` (e-mail and password rules, Argon2id on its own threads, refresh tokens,
 //! throttling) and `tokens` (JWT issuing) → [`store`] (SQLite or PostgreSQL). Health,
 //! reflection, limits and graceful shutdown come from [`mesh_runtime`].
 
@@ -92,7 +92,7 @@ pub async fn serve(
     let queue = hasher.clone();
     mesh_telemetry::metrics::gauge(
         "mesh.auth.hash_queue_depth",
-        "Argon2id operations waiting for or running on the blocking pool",
+        "Argon2id operations waiting for or running on the hashing threads",
         "{operation}",
         move || i64::try_from(queue.queued()).unwrap_or(i64::MAX),
     );

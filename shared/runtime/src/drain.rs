@@ -175,11 +175,36 @@ fn is_infrastructure(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.") || path.starts_with("/grpc.reflection.")
 }
 
+/// How long a shed call's request may take to arrive in full before it is answered anyway.
+const SHED_DRAIN_TIME: std::time::Duration = std::time::Duration::from_millis(100);
+/// How much of a shed call's request is read (and thrown away) at most.
+const SHED_DRAIN_BYTES: usize = 64 * 1024;
+
+/// Reads and drops what is left of a shed call's request (at most [`SHED_DRAIN_BYTES`]).
+///
+/// Answered while the client is still sending, the stream would have to be reset; HTTP/2
+/// servers count the streams they reset and send away a connection that makes them reset many
+/// (the rapid-reset defence), taking the calls already accepted on it along. A refused request
+/// read to its end closes normally.
+async fn drain_request<B: Body + Unpin>(mut body: B) {
+    let mut read = 0;
+    while read < SHED_DRAIN_BYTES {
+        match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            Some(Ok(frame)) => {
+                read += frame.data_ref().map_or(0, bytes::Buf::remaining);
+            }
+            _ => return,
+        }
+    }
+}
+
 impl<S, B> Service<Request<B>> for InFlightService<S>
 where
     S: Service<Request<B>, Response = Response<tonic::body::Body>>,
     S::Future: Send + 'static,
     S::Error: 'static,
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
 {
     type Response = Response<GuardedBody<tonic::body::Body>>;
     type Error = S::Error;
@@ -211,7 +236,10 @@ where
                     Ok(permit) => Some(permit),
                     Err(_) => {
                         let response = overloaded_status().into_http();
+                        let body = request.into_body();
                         return Box::pin(async move {
+                            let _ =
+                                tokio::time::timeout(SHED_DRAIN_TIME, drain_request(body)).await;
                             Ok(response.map(|inner| GuardedBody {
                                 inner,
                                 guard: None,

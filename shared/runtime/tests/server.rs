@@ -392,6 +392,74 @@ async fn excess_calls_are_shed_at_once() {
     harness.server.shutdown().await.expect("stops");
 }
 
+/// Shedding does not cost a connection: on one HTTP/2 connection, a call is accepted and held,
+/// then 400 more arrive whose bodies follow their headers a moment later (as they do over a
+/// real network). They are refused with RESOURCE_EXHAUSTED, and the held call still completes:
+/// answering before a request has arrived would reset its stream, and HTTP/2's reset bound
+/// (the rapid-reset defence) would then send the whole connection away.
+#[tokio::test]
+async fn shedding_on_one_connection_keeps_its_accepted_call() {
+    let mut limited = config(Duration::from_secs(5), 4 * 1024 * 1024);
+    limited.concurrency_limit = 1;
+    let mut harness = start(limited, true).await;
+    let tcp = tokio::net::TcpStream::connect(harness.server.addr)
+        .await
+        .expect("connect");
+    let (mut send, connection) = h2::client::handshake(tcp).await.expect("handshake");
+    tokio::spawn(connection);
+    let held = raw_get_user(&mut send, None).expect("held call sent");
+    harness.started.recv().await.expect("the held call started");
+
+    let mut refused = 0;
+    for _ in 0..4 {
+        let mut pending = Vec::new();
+        for _ in 0..100 {
+            let request = http::Request::post("http://localhost/mesh.users.v1.UserService/GetUser")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(())
+                .expect("request");
+            send = send.ready().await.expect("connection open");
+            let (response, body) = send.send_request(request, false).expect("sent");
+            pending.push((response, body));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for (_, body) in &mut pending {
+            body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+                .expect("body sent");
+        }
+        for (response, _) in pending {
+            let response = tokio::time::timeout(Duration::from_secs(10), response)
+                .await
+                .expect("answered")
+                .expect("a response, not a broken connection");
+            let status = response.headers().get("grpc-status").cloned();
+            assert_eq!(
+                status.as_ref().map(|v| v.as_bytes()),
+                Some(&b"8"[..]),
+                "RESOURCE_EXHAUSTED"
+            );
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 400);
+    harness.release.notify_waiters();
+    let response = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("answered")
+        .expect("the held call's response arrives on its connection");
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        chunk.expect("body");
+    }
+    let trailers = body.trailers().await.expect("trailers").expect("present");
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..])
+    );
+    harness.server.shutdown().await.expect("stops");
+}
+
 /// A raw HTTP/2 request for `GetUser` on `send`, with `extra` metadata.
 fn raw_get_user(
     send: &mut h2::client::SendRequest<bytes::Bytes>,
