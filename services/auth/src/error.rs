@@ -63,3 +63,36 @@ impl From<AuthError> for Status {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Database errors and internal faults reach the client without their text: a real SQLite
+    /// error (naming the table and column) is UNAVAILABLE, an internal fault INTERNAL, both
+    /// with a fixed message.
+    #[tokio::test]
+    async fn storage_and_internal_errors_carry_no_detail() {
+        let pool = sqlx::SqlitePool::connect("sqlite::memory:")
+            .await
+            .expect("in-memory SQLite");
+        let err = sqlx::query("INSERT INTO credentials_missing (password_hash) VALUES ('x')")
+            .execute(&pool)
+            .await
+            .expect_err("no such table");
+        assert!(err.to_string().contains("credentials_missing"), "{err}");
+        let status = Status::from(AuthError::Store(StoreError::Database(err)));
+        assert_eq!(
+            (status.code(), status.message()),
+            (tonic::Code::Unavailable, "storage unavailable; retry")
+        );
+        let status = Status::from(AuthError::Internal(
+            "hashing: argon2 failed at SELECT * FROM credentials".into(),
+        ));
+        assert_eq!(
+            (status.code(), status.message()),
+            (tonic::Code::Internal, "internal error")
+        );
+        assert!(status.metadata().is_empty());
+    }
+}

@@ -67,3 +67,34 @@ impl From<UsersError> for Status {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real database error (SQLite's own message, naming the table and the SQL) reaches the
+    /// client as UNAVAILABLE with none of its text; the same holds for every store error.
+    #[tokio::test]
+    async fn database_errors_never_reach_the_client() {
+        let pool = sqlx::SqlitePool::connect("sqlite::memory:")
+            .await
+            .expect("in-memory SQLite");
+        let err = sqlx::query("SELECT secret_column FROM no_such_table WHERE id = 'x'")
+            .execute(&pool)
+            .await
+            .expect_err("no such table");
+        assert!(err.to_string().contains("no_such_table"), "{err}");
+        for store in [
+            StoreError::Database(err),
+            StoreError::Database(sqlx::Error::PoolTimedOut),
+            StoreError::UnknownKind(9),
+        ] {
+            let detail = mesh_runtime::cli::error_chain(&store);
+            let status = Status::from(UsersError::Store(store));
+            assert_eq!(status.code(), tonic::Code::Unavailable);
+            assert_eq!(status.message(), "storage unavailable; retry");
+            assert!(!status.message().contains("SELECT"), "{detail}");
+            assert!(status.metadata().is_empty());
+        }
+    }
+}
