@@ -33,6 +33,8 @@ struct Seen {
     accepted: Latencies,
     shed: Latencies,
     other: u64,
+    /// The codes of the other failures, with their counts.
+    other_codes: std::collections::BTreeMap<String, u64>,
     elapsed: Duration,
     peak_rss_kib: u64,
 }
@@ -65,7 +67,17 @@ async fn storm(
                             // A client told to back off waits a moment before it asks again.
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         }
-                        Err(_) => seen.other += 1,
+                        Err(s) => {
+                            seen.other += 1;
+                            *seen
+                                .other_codes
+                                .entry(format!(
+                                    "{:?}: {}",
+                                    s.code(),
+                                    s.message().chars().take(80).collect::<String>()
+                                ))
+                                .or_default() += 1;
+                        }
                     }
                 }
                 seen
@@ -87,6 +99,9 @@ async fn storm(
             total.accepted.merge(&seen.accepted);
             total.shed.merge(&seen.shed);
             total.other += seen.other;
+            for (code, n) in seen.other_codes {
+                *total.other_codes.entry(code).or_default() += n;
+            }
         }
     }
     total.elapsed = start.elapsed();
@@ -173,8 +188,8 @@ pub(super) async fn overload(settings: &Settings) -> Result<Outcome, BenchError>
         ));
         if seen.other > 0 {
             notes.push(format!(
-                "{k}×: {} calls failed with another code than RESOURCE_EXHAUSTED",
-                seen.other
+                "{k}×: {} calls failed with another code than RESOURCE_EXHAUSTED: {:?}",
+                seen.other, seen.other_codes
             ));
         }
     }
