@@ -158,6 +158,17 @@ fn forge(header: &str, payload: &str, key: Option<&ed25519_dalek::SigningKey>) -
     format!("{input}.{signature}")
 }
 
+/// Two signing keys in `dir`, old and new: their files and rings.
+fn two_keys(dir: &Path) -> (std::path::PathBuf, KeyRing, std::path::PathBuf, KeyRing) {
+    let old = dir.join("old.pem");
+    let new = dir.join("new.pem");
+    KeyRing::load_or_create_dev_key(&old).expect("old key");
+    KeyRing::load_or_create_dev_key(&new).expect("new key");
+    let old_ring = KeyRing::load_pem_files(std::slice::from_ref(&old)).expect("old");
+    let new_ring = KeyRing::load_pem_files(std::slice::from_ref(&new)).expect("new");
+    (old, old_ring, new, new_ring)
+}
+
 /// Real tokens pass with their claims; a public method needs none; every hostile token is
 /// UNAUTHENTICATED and none crashes anything.
 #[tokio::test]
@@ -335,12 +346,7 @@ async fn verifies_real_tokens_and_refuses_hostile_ones() {
 #[tokio::test]
 async fn refetches_keys_after_rotation() {
     let data = tempfile::tempdir().expect("tempdir");
-    let old = data.path().join("old.pem");
-    let new = data.path().join("new.pem");
-    KeyRing::load_or_create_dev_key(&old).expect("old key");
-    KeyRing::load_or_create_dev_key(&new).expect("new key");
-    let old_ring = KeyRing::load_pem_files(std::slice::from_ref(&old)).expect("old");
-    let new_ring = KeyRing::load_pem_files(std::slice::from_ref(&new)).expect("new");
+    let (old, old_ring, new, new_ring) = two_keys(data.path());
 
     let first = start_auth_on(([127, 0, 0, 1], 0).into(), data.path(), vec![old.clone()]).await;
     let addr = first.addr;
@@ -369,12 +375,7 @@ async fn refetches_keys_after_rotation() {
 #[tokio::test]
 async fn verified_tokens_are_cached_and_still_checked() {
     let data = tempfile::tempdir().expect("tempdir");
-    let old = data.path().join("old.pem");
-    let new = data.path().join("new.pem");
-    KeyRing::load_or_create_dev_key(&old).expect("old key");
-    KeyRing::load_or_create_dev_key(&new).expect("new key");
-    let old_ring = KeyRing::load_pem_files(std::slice::from_ref(&old)).expect("old");
-    let new_ring = KeyRing::load_pem_files(std::slice::from_ref(&new)).expect("new");
+    let (old, old_ring, new, new_ring) = two_keys(data.path());
     let first = start_auth_on(([127, 0, 0, 1], 0).into(), data.path(), vec![old.clone()]).await;
     let addr = first.addr;
     let cache = Arc::new(

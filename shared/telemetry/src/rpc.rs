@@ -203,7 +203,52 @@ struct Call {
     done: bool,
 }
 
+/// What a call is known by when it starts.
+struct Started {
+    recorded: Option<TraceContext>,
+    parent_span_id: Option<[u8; 8]>,
+    remote_parent: bool,
+    service: String,
+    method: String,
+    peer: Option<(Arc<str>, u16)>,
+    request_id: Option<String>,
+}
+
 impl Call {
+    /// A call starting now, and its request with a body that counts its messages.
+    fn start(
+        kind: Kind,
+        started: Started,
+        request: http::Request<tonic::body::Body>,
+    ) -> (Self, http::Request<tonic::body::Body>) {
+        let request_messages = Arc::new(AtomicU64::new(0));
+        let counted = request_messages.clone();
+        let request = request.map(|body| {
+            tonic::body::Body::new(CountedBody {
+                inner: body,
+                counter: MessageCounter::default(),
+                messages: counted,
+            })
+        });
+        let call = Self {
+            kind,
+            recorded: started.recorded,
+            parent_span_id: started.parent_span_id,
+            remote_parent: started.remote_parent,
+            service: started.service,
+            method: started.method,
+            peer: started.peer,
+            request_id: started.request_id,
+            start: SystemTime::now(),
+            started: Instant::now(),
+            request_messages,
+            response_messages: 0,
+            status: None,
+            done: false,
+        };
+        (call, request)
+    }
+
     fn finish(&mut self, code: i32) {
         if self.done {
             return;
@@ -479,30 +524,19 @@ where
                 request_id: request_id.clone(),
             },
         );
-        let request_messages = Arc::new(AtomicU64::new(0));
-        let mut call = Call {
-            kind: Kind::Server,
-            recorded: exporting.and(context),
-            parent_span_id: remote.as_ref().map(|r| r.span_id),
-            remote_parent: remote.is_some(),
-            service,
-            method,
-            peer: None,
-            request_id,
-            start: SystemTime::now(),
-            started: Instant::now(),
-            request_messages: request_messages.clone(),
-            response_messages: 0,
-            status: None,
-            done: false,
-        };
-        let request = request.map(|body| {
-            tonic::body::Body::new(CountedBody {
-                inner: body,
-                counter: MessageCounter::default(),
-                messages: request_messages,
-            })
-        });
+        let (mut call, request) = Call::start(
+            Kind::Server,
+            Started {
+                recorded: exporting.and(context),
+                parent_span_id: remote.as_ref().map(|r| r.span_id),
+                remote_parent: remote.is_some(),
+                service,
+                method,
+                peer: None,
+                request_id,
+            },
+            request,
+        );
         let future = {
             let _entered = span.enter();
             self.inner.call(request)
@@ -602,30 +636,19 @@ where
             .get(crate::REQUEST_ID_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let request_messages = Arc::new(AtomicU64::new(0));
-        let mut call = Call {
-            kind: Kind::Client,
-            recorded: exporting.and(context),
-            parent_span_id: parent.as_ref().map(|p| p.span_id),
-            remote_parent: false,
-            service,
-            method,
-            peer: self.peer.clone(),
-            request_id,
-            start: SystemTime::now(),
-            started: Instant::now(),
-            request_messages: request_messages.clone(),
-            response_messages: 0,
-            status: None,
-            done: false,
-        };
-        let request = request.map(|body| {
-            tonic::body::Body::new(CountedBody {
-                inner: body,
-                counter: MessageCounter::default(),
-                messages: request_messages,
-            })
-        });
+        let (mut call, request) = Call::start(
+            Kind::Client,
+            Started {
+                recorded: exporting.and(context),
+                parent_span_id: parent.as_ref().map(|p| p.span_id),
+                remote_parent: false,
+                service,
+                method,
+                peer: self.peer.clone(),
+                request_id,
+            },
+            request,
+        );
         let future = self.inner.call(request);
         Box::pin(async move {
             match future.await {
