@@ -279,6 +279,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), BenchError> {
     if cfg!(debug_assertions) {
         eprintln!("mesh bench: this is a debug build; figures are only meaningful with --release");
     }
+    raise_open_file_limit();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let settings = Settings {
         concurrency: args.concurrency.max(1),
@@ -336,6 +337,22 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), BenchError> {
         notes: outcome.notes,
     };
     report.write(&args.results).map(|_| ())
+}
+
+/// Raises this process's open-file limit to its hard limit (children inherit it): `watch` with
+/// many subscribers opens a socket per connection on each side, past the usual soft limit of
+/// 1,024.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                eprintln!("mesh bench: cannot raise the open-file limit from {soft}: {err}");
+            }
+        }
+        Ok(_) => {}
+        Err(err) => eprintln!("mesh bench: cannot read the open-file limit: {err}"),
+    }
 }
 
 /// `mesh bench echo-server --listen ADDR`: the bare echo in a process of its own.
