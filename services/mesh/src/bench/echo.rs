@@ -53,9 +53,10 @@ pub(super) async fn serve(
     listener: tokio::net::TcpListener,
     stopped: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), String> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // The incoming stream sets TCP_NODELAY itself: the builder's setting does not reach a
+    // listener handed in, and without it replies wait on delayed ACKs (40 ms stalls).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(EchoServiceServer::new(Echo))
         .serve_with_incoming_shutdown(incoming, stopped)
         .await
