@@ -249,6 +249,28 @@ impl Call {
         (call, request)
     }
 
+    /// The response with a body that counts its messages, takes the status from it and
+    /// finishes this call when it ends; `span` is entered while the body is polled.
+    fn respond<B>(
+        mut self,
+        response: http::Response<B>,
+        span: Span,
+    ) -> http::Response<tonic::body::Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        self.status = status_of(response.headers());
+        response.map(|inner| {
+            tonic::body::Body::new(TracedBody {
+                inner,
+                counter: MessageCounter::default(),
+                call: self,
+                span,
+            })
+        })
+    }
+
     fn finish(&mut self, code: i32) {
         if self.done {
             return;
@@ -545,17 +567,7 @@ where
         Box::pin(tracing::Instrument::instrument(
             async move {
                 match future.await {
-                    Ok(response) => {
-                        call.status = status_of(response.headers());
-                        Ok(response.map(|body| {
-                            tonic::body::Body::new(TracedBody {
-                                inner: body,
-                                counter: MessageCounter::default(),
-                                call,
-                                span: body_span,
-                            })
-                        }))
-                    }
+                    Ok(response) => Ok(call.respond(response, body_span)),
                     Err(err) => {
                         call.finish(2);
                         Err(err)
@@ -652,17 +664,7 @@ where
         let future = self.inner.call(request);
         Box::pin(async move {
             match future.await {
-                Ok(response) => {
-                    call.status = status_of(response.headers());
-                    Ok(response.map(|body| {
-                        tonic::body::Body::new(TracedBody {
-                            inner: body,
-                            counter: MessageCounter::default(),
-                            call,
-                            span: Span::none(),
-                        })
-                    }))
-                }
+                Ok(response) => Ok(call.respond(response, Span::none())),
                 Err(err) => {
                     // No answer at all: the transport failed.
                     call.finish(14);
