@@ -5,7 +5,12 @@ promise: the restricted Pod Security Standard with a read-only root filesystem, 
 every container, native gRPC probes on the right port and health names, a drain that fits the
 termination grace period, one pinned image, default-deny NetworkPolicies with only the
 aggregator open to the outside, headless Services for client-side balancing, no Secret in git,
-and per overlay what it adds. Exits non-zero on any failure.
+TLS everywhere (cert-manager Certificates whose Secrets every service mounts whole, mutual TLS
+into auth and users, names that match the URLs clients dial, probes on the plaintext health
+port), and per overlay what it adds. Exits non-zero on any failure.
+
+cert-manager's custom resources are not in kubernetes-validate's schemas: they are checked by
+hand here (the fields the mesh relies on, and no unknown top-level spec field).
 
 Usage: deploy/k8s/check.py [kubernetes-version]   (run by scripts/test)
 """
@@ -25,6 +30,13 @@ SERVICES = {
     "aggregator": (50051, "mesh.aggregator.v1.AggregatorService"),
 }
 GRACE_SECONDS = 10  # MESH_GRACE_PERIOD in the base ConfigMap
+PROBE_PORT = 8081  # MESH_HEALTH_LISTEN in the base ConfigMap
+CERT_MANAGER = "cert-manager.io/v1"
+CERTIFICATE_FIELDS = {
+    "secretName", "commonName", "dnsNames", "ipAddresses", "uris", "duration", "renewBefore",
+    "privateKey", "usages", "issuerRef", "isCA", "subject", "secretTemplate",
+}
+ISSUER_KINDS = {"selfSigned", "ca", "acme", "vault", "venafi"}
 
 failures = []
 passed = 0
@@ -65,6 +77,10 @@ def check_common(overlay, docs):
     where = f"[{overlay}]"
     for doc in docs:
         name = f'{where} {doc["kind"]}/{doc["metadata"]["name"]}'
+        if doc["apiVersion"] == CERT_MANAGER:
+            check_cert_manager(name, doc)
+            check(doc["metadata"].get("namespace") == "mesh", f"{name}: not in namespace mesh")
+            continue
         try:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
             check(True, "")
@@ -133,14 +149,16 @@ def check_common(overlay, docs):
         check(port in ports, f"{name}: does not expose {port}")
         expected = {
             "livenessProbe": "liveness",
-            "readinessProbe": full_name,
+            "readinessProbe": "readiness",
             "startupProbe": "liveness",
         }
+        check(PROBE_PORT in ports, f"{name}: does not expose the probe port {PROBE_PORT}")
         for probe, health_name in expected.items():
             grpc = container.get(probe, {}).get("grpc")
             check(grpc is not None, f"{name}: {probe} is not a native grpc probe")
             if grpc:
-                check(grpc.get("port") == port, f"{name}: {probe} on port {grpc.get('port')}")
+                # The kubelet's gRPC probe speaks no TLS: the plaintext health-only port.
+                check(grpc.get("port") == PROBE_PORT, f"{name}: {probe} on port {grpc.get('port')}")
                 check(
                     grpc.get("service") == health_name,
                     f"{name}: {probe} asks for {grpc.get('service')!r}, not {health_name!r}",
@@ -170,10 +188,13 @@ def check_common(overlay, docs):
     check(len(configs) == 1, f"{where} expected one mesh-config ConfigMap")
     if configs:
         data = configs[0]["data"]
-        check(data.get("MESH_AUTH_URL", "").startswith("http://auth-headless"), f"{where} auth URL")
-        check(data.get("MESH_USERS_URL", "").startswith("http://users-headless"), f"{where} users URL")
+        check(data.get("MESH_AUTH_URL", "").startswith("https://auth-headless:"), f"{where} auth URL")
+        check(data.get("MESH_USERS_URL", "").startswith("https://users-headless:"), f"{where} users URL")
+        check(data.get("MESH_HEALTH_LISTEN") == f"0.0.0.0:{PROBE_PORT}", f"{where} probe port")
         check(data.get("MESH_GRACE_PERIOD") == f"{GRACE_SECONDS}s", f"{where} grace period")
         check("OTEL_EXPORTER_OTLP_ENDPOINT" in data, f"{where} no OTLP endpoint")
+
+    check_tls(where, docs)
 
     policies = of_kind(docs, "NetworkPolicy")
     deny = [
@@ -189,6 +210,9 @@ def check_common(overlay, docs):
         for rule in policy["spec"].get("ingress", []):
             if not rule.get("from"):
                 open_to_all.append(selector.get("app.kubernetes.io/name"))
+                # Open to everyone on the facade's TLS port only (not the probe port).
+                ports = [p.get("port") for p in rule.get("ports", [])]
+                check(ports == [SERVICES["aggregator"][0]], f"{where} open to everyone on ports {ports}")
     check(open_to_all == ["aggregator"], f"{where} open to everyone: {open_to_all}")
 
     def ingress_from(service):
@@ -201,6 +225,100 @@ def check_common(overlay, docs):
 
     check(ingress_from("auth") == {"users", "aggregator"}, f"{where} auth ingress: {ingress_from('auth')}")
     check(ingress_from("users") == {"aggregator"}, f"{where} users ingress: {ingress_from('users')}")
+
+
+def check_cert_manager(name, doc):
+    spec = doc.get("spec", {})
+    if doc["kind"] == "Certificate":
+        unknown = set(spec) - CERTIFICATE_FIELDS
+        check(not unknown, f"{name}: unknown fields {sorted(unknown)}")
+        for field in ("secretName", "issuerRef"):
+            check(field in spec, f"{name}: no {field}")
+        check(spec.get("issuerRef", {}).get("kind") in ("Issuer", "ClusterIssuer"), f"{name}: issuer kind")
+        # Leaf keys change at each renewal; the CA's does not (a new CA key would leave the
+        # certificates it issued before untrusted by the services that renewed first).
+        policy = "Never" if spec.get("isCA") else "Always"
+        check(spec.get("privateKey", {}).get("rotationPolicy") == policy, f"{name}: rotationPolicy is not {policy}")
+        check(spec.get("isCA") or spec.get("dnsNames"), f"{name}: no dnsNames")
+        if "commonName" in spec and not spec.get("isCA"):
+            # ACME issuers refuse a commonName that is not also a DNS name.
+            check(spec["commonName"] in spec.get("dnsNames", []), f"{name}: commonName not in dnsNames")
+    elif doc["kind"] in ("Issuer", "ClusterIssuer"):
+        kinds = set(spec) & ISSUER_KINDS
+        check(len(kinds) == 1 and not set(spec) - ISSUER_KINDS, f"{name}: issuer spec {sorted(spec)}")
+    else:
+        check(False, f"{name}: unexpected cert-manager kind")
+
+
+def check_tls(where, docs):
+    """Every mesh server serves TLS from a cert-manager Secret it mounts whole (so renewals
+    reach it); auth and users require client certificates from the mesh's CA; users and the
+    aggregator present theirs; the names clients dial are in the servers' certificates."""
+    certificates = {c["spec"]["secretName"]: c for c in of_kind(docs, "Certificate")}
+    issuers = {i["metadata"]["name"] for i in of_kind(docs, "Issuer")}
+    for cert in certificates.values():
+        ref = cert["spec"]["issuerRef"]
+        if ref.get("kind", "Issuer") == "Issuer":
+            check(ref["name"] in issuers, f'{where} Certificate/{cert["metadata"]["name"]}: no Issuer {ref["name"]}')
+
+    def mounted_secret(pod, container, path):
+        """The Certificate whose Secret is mounted at the folder of `path`."""
+        folder = path.rsplit("/", 1)[0]
+        for mount in container.get("volumeMounts", []):
+            if mount["mountPath"] == folder:
+                check("subPath" not in mount, f"{where} {container['name']}: {folder} by subPath: renewals never reach it")
+                volume = next((v for v in pod.get("volumes", []) if v["name"] == mount["name"]), {})
+                return certificates.get(volume.get("secret", {}).get("secretName"))
+        return None
+
+    for service in SERVICES:
+        deployment = by_name(docs, "Deployment", service)
+        if not deployment:
+            continue
+        name = f"{where} Deployment/{service}"
+        pod = deployment["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+        for var, file in (
+            ("MESH_TLS_CERT", "tls.crt"), ("MESH_TLS_KEY", "tls.key"), ("MESH_TLS_CLIENT_CA", "ca.crt"),
+            ("MESH_TLS_CA", "ca.crt"), ("MESH_TLS_CLIENT_CERT", "tls.crt"), ("MESH_TLS_CLIENT_KEY", "tls.key"),
+        ):
+            if var in env:
+                check(env[var].endswith("/" + file), f"{name}: {var} is not a {file}")
+        for var in ("MESH_TLS_CLIENT_CA", "MESH_TLS_CA", "MESH_TLS_CLIENT_CERT"):
+            if var in env:
+                # The mesh's own trust: from a Secret its CA issued, never the public facade's.
+                origin = mounted_secret(pod, container, env[var])
+                check(
+                    origin is not None and origin["spec"]["issuerRef"]["name"] == "mesh-ca",
+                    f"{name}: {var} is not from a certificate of the mesh CA",
+                )
+        served = mounted_secret(pod, container, env.get("MESH_TLS_CERT", "/none/x"))
+        check(served is not None, f"{name}: MESH_TLS_CERT is not in a mounted cert-manager Secret")
+        check(
+            mounted_secret(pod, container, env.get("MESH_TLS_KEY", "/none/x")) is served,
+            f"{name}: MESH_TLS_KEY is not beside its certificate",
+        )
+        if served:
+            check("server auth" in served["spec"].get("usages", ["server auth"]), f"{name}: not a server certificate")
+        mutual = service in ("auth", "users")
+        check(("MESH_TLS_CLIENT_CA" in env) == mutual, f"{name}: mutual TLS {'missing' if mutual else 'on the public facade'}")
+        if mutual:
+            check(mounted_secret(pod, container, env.get("MESH_TLS_CLIENT_CA", "/none/x")) is not None, f"{name}: client CA not mounted")
+            dialled = f"{service}-headless"
+            check(served and dialled in served["spec"].get("dnsNames", []), f"{name}: certificate lacks {dialled}")
+        if service in ("users", "aggregator"):
+            identity = mounted_secret(pod, container, env.get("MESH_TLS_CLIENT_CERT", "/none/x"))
+            check(identity is not None, f"{name}: no client certificate for mutual TLS")
+            check(identity and "client auth" in identity["spec"].get("usages", []), f"{name}: its identity is not a client certificate")
+            check(mounted_secret(pod, container, env.get("MESH_TLS_CA", "/none/x")) is not None, f"{name}: MESH_TLS_CA not mounted")
+        for svc_name in (service, f"{service}-headless"):
+            svc = by_name(docs, "Service", svc_name)
+            if svc:
+                check(
+                    [p["port"] for p in svc["spec"]["ports"]] == [SERVICES[service][0]],
+                    f"{where} Service/{svc_name}: carries more than its TLS port",
+                )
 
 
 def check_dev(docs):
@@ -225,6 +343,11 @@ def check_prod(docs):
         check(pod.get("topologySpreadConstraints"), f"[prod] {service}: no topology spread")
         check(by_name(docs, "PodDisruptionBudget", service) is not None, f"[prod] {service}: no PDB")
     check(by_name(docs, "StatefulSet", "postgres") is None, "[prod] runs its own PostgreSQL")
+    public = by_name(docs, "Certificate", "aggregator-public-tls")
+    check(
+        public is not None and public["spec"]["issuerRef"].get("kind") == "ClusterIssuer",
+        "[prod] the facade's certificate is not from a public issuer",
+    )
 
 
 def main():

@@ -15,7 +15,13 @@ fn verifier() -> &'static Verifier {
     static VERIFIER: OnceLock<Verifier> = OnceLock::new();
     VERIFIER.get_or_init(|| {
         let ring = KeyRing::generate().expect("key");
-        Verifier::new(&ring.jwks(), "mesh-auth", "mesh", 30).expect("verifier")
+        Verifier::new(
+            &ring.jwks(),
+            mesh_token::DEFAULT_ISSUER,
+            mesh_token::DEFAULT_AUDIENCE,
+            mesh_token::DEFAULT_LEEWAY_SECS,
+        )
+        .expect("verifier")
     })
 }
 

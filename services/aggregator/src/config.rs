@@ -5,6 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 use http::Uri;
 use mesh_authn::{AuthnConfig, parse_url};
 use mesh_runtime::{ServerConfig, parse_duration};
+use secrecy::SecretString;
 
 /// The aggregator's default address: loopback, port 50051.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -45,11 +46,12 @@ pub struct Config {
 
     /// The secret of `--client-id` (prefer the environment variable: command lines are
     /// visible to other local users). Unset: `WatchProfiles` is FAILED_PRECONDITION.
-    #[arg(long, env = "MESH_AGGREGATOR_CLIENT_SECRET", hide_env_values = true)]
-    pub client_secret: Option<String>,
+    #[arg(long, env = "MESH_AGGREGATOR_CLIENT_SECRET", hide_env_values = true,
+          value_parser = mesh_runtime::parse_secret)]
+    pub client_secret: Option<SecretString>,
 
-    /// Events a `WatchProfiles` stream may fall behind the live relay before it is caught up
-    /// from users' log instead.
+    /// Events the relay keeps for `WatchProfiles` subscribers (a subscriber further behind is
+    /// caught up from users' log instead).
     #[arg(long, env = "MESH_AGGREGATOR_WATCH_BUFFER", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub watch_buffer: u32,
@@ -59,6 +61,52 @@ pub struct Config {
     #[arg(long, env = "MESH_AGGREGATOR_MAX_WATCH_STREAMS", default_value_t = 20_000,
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_watch_streams: u32,
+
+    /// `WatchProfiles` streams one caller (one token subject) may have open at once.
+    #[arg(long, env = "MESH_AGGREGATOR_MAX_WATCH_STREAMS_PER_CALLER", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_watch_streams_per_caller: u32,
+
+    /// Pages of users' log (64 events each) that replaying `WatchProfiles` subscribers may hold
+    /// at once; a subscriber beyond it waits for one.
+    #[arg(long, env = "MESH_AGGREGATOR_CATCH_UP_PAGES", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub catch_up_pages: u32,
+
+    /// HTTP/2 connections to users for replays and catch-up reads, apart from the ones every
+    /// other call shares.
+    #[arg(long, env = "MESH_AGGREGATOR_REPLAY_CONNECTIONS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub replay_connections: u16,
+
+    /// Reads of users' log for replays at once.
+    #[arg(long, env = "MESH_AGGREGATOR_REPLAY_READS", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub replay_reads: u32,
+
+    /// How long a replaying subscriber's page may wait for its client to read it before it is
+    /// dropped (and read again if the client comes back).
+    #[arg(long, env = "MESH_AGGREGATOR_REPLAY_IDLE_TIMEOUT", default_value = "30s",
+          value_parser = parse_duration)]
+    pub replay_idle_timeout: Duration,
+
+    /// Failed password checks (Login, DeleteAccount) one client address may cause per 15
+    /// minutes before its logins are RESOURCE_EXHAUSTED (0: no limit, e.g. behind a proxy
+    /// that hides client addresses).
+    #[arg(
+        long,
+        env = "MESH_AGGREGATOR_LOGIN_FAILURES_PER_ADDRESS",
+        default_value_t = 100
+    )]
+    pub login_failures_per_address: u32,
+
+    /// Sign-ups one client address may make per minute (0: no limit).
+    #[arg(
+        long,
+        env = "MESH_AGGREGATOR_SIGNUPS_PER_ADDRESS",
+        default_value_t = 60
+    )]
+    pub signups_per_address: u32,
 
     /// How often the reachability of auth and users is checked (the aggregator is
     /// NOT_SERVING while either is unreachable).
@@ -71,6 +119,12 @@ pub struct Config {
     pub server: ServerConfig,
 }
 
+impl Default for Config {
+    fn default() -> Self {
+        mesh_runtime::cli::defaults()
+    }
+}
+
 impl Config {
     /// The defaults, listening on `listen`, with auth per `authn` and users at `users_url`.
     pub fn new(listen: SocketAddr, authn: AuthnConfig, users_url: Uri) -> Self {
@@ -78,14 +132,24 @@ impl Config {
             listen,
             authn,
             users_url,
-            downstream_connections: 2,
-            default_deadline: Duration::from_secs(10),
-            dependency_check_interval: Duration::from_secs(1),
-            client_id: "aggregator".to_owned(),
-            client_secret: None,
-            watch_buffer: 1024,
-            max_watch_streams: 20_000,
-            server: ServerConfig::default(),
+            ..Self::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The client secret is never printed with the configuration (which is logged on errors).
+    #[test]
+    fn debug_hides_the_client_secret() {
+        let config = Config {
+            client_secret: Some(mesh_runtime::parse_secret("s3cret-value").expect("any")),
+            ..Config::default()
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret-value"), "{shown}");
+        assert!(shown.contains("client_secret"), "{shown}");
     }
 }

@@ -5,21 +5,26 @@
 //! call [`run`]. Tests call [`serve`] with a listener bound on port 0.
 //!
 //! Layers, top-down: [`Config`] → [`mesh_authn::AuthLayer`] (bearer tokens verified locally;
-//! `SignUp`, `Login`, `Refresh` and `Logout` are public) → `server` (the handlers: joins,
-//! streams, undoing half-done work) → `downstream` (shared connections to auth and users, and
-//! the deadline, token, request id and trace context each downstream call carries) and `watch`
-//! (the one upstream `WatchUsers` subscription, fanned out). Health is `NOT_SERVING` while auth
-//! or users is unreachable.
+//! `SignUp`, `Login`, `Refresh` and `Logout` are public) → `server` (the handlers: parse, call
+//! the downstreams, join or stream; undo half-done work), with `edge` (per-address limits) and
+//! `slots` (places for long-lived streams) → `downstream` (one typed method per call to auth
+//! or users, the deadline, token, request id and trace context each carries, retries of reads)
+//! and `watch` (the one upstream `WatchUsers` subscription, fanned out). `error` is the one
+//! table from the aggregator's errors, and the downstreams', to what a caller sees. Health is
+//! `NOT_SERVING` while auth or users is unreachable.
 
 mod config;
 mod downstream;
+mod edge;
+mod error;
 mod server;
+mod slots;
 mod watch;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use mesh_authn::AuthLayer;
-use mesh_runtime::{Health, Lifecycle, ServeError, ServiceSpec};
+use mesh_runtime::{Health, Lifecycle, ServeError, ServiceSpec, client::Pool};
 use tokio::net::TcpListener;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -27,9 +32,11 @@ use tonic_health::pb::{
 use tower::Layer as _;
 
 pub use config::{Config, DEFAULT_LISTEN, DEFAULT_USERS_URL};
-pub use downstream::{MAX_ATTEMPTS, RETRY_RATIO, RETRY_RESERVE};
+pub use downstream::retry::{MAX_ATTEMPTS, RETRY_RATIO, RETRY_RESERVE};
 pub use server::{
-    AggregatorServer, LOOKUPS_IN_FLIGHT, MAX_PROFILE_IDS, PROFILE_BATCH, PROFILE_BATCHES_IN_FLIGHT,
+    AggregatorServer, LOOKUPS_IN_FLIGHT, LOOKUPS_IN_FLIGHT_IN_ALL, MAX_LOOKUP_STREAMS,
+    MAX_LOOKUP_STREAMS_PER_CALLER, MAX_PROFILE_IDS, PROFILE_BATCH, PROFILE_BATCHES_IN_FLIGHT,
+    REQUEST_LIMITS,
 };
 
 /// The service's fully qualified name, as health checking and reflection spell it.
@@ -39,7 +46,7 @@ pub const SERVICE_NAME: &str = mesh_proto::service_names::AGGREGATOR;
 const PUBLIC_METHODS: &[&str] = &["SignUp", "Login", "Refresh", "Logout"];
 
 /// Whether `service` behind `channel` answers SERVING within a second.
-async fn serving(channel: downstream::Traced, service: &str) -> bool {
+async fn serving(channel: mesh_runtime::client::Traced, service: &str) -> bool {
     let mut request = tonic::Request::new(HealthCheckRequest {
         service: service.to_owned(),
     });
@@ -79,9 +86,10 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let lifecycle = Lifecycle::new(SERVICE_NAME);
     let connections = usize::from(config.downstream_connections);
+    let tls = config.authn.tls.load()?;
     let downstream = Arc::new(downstream::Downstreams::new(
-        downstream::Pool::new(&config.authn.auth_url, connections),
-        downstream::Pool::new(&config.users_url, connections),
+        Pool::new(&config.authn.auth_url, connections, &tls)?,
+        Pool::new(&config.users_url, connections, &tls)?,
     ));
     let credentials = config
         .client_secret
@@ -94,11 +102,24 @@ pub async fn serve(
         tracing::warn!("no --client-secret: WatchProfiles is unavailable");
     }
     let token = Arc::new(watch::ServiceToken::new(credentials, downstream.clone()));
+    let count = |n: u32| usize::try_from(n).unwrap_or(usize::MAX);
     let (fanout, fanout_task) = watch::Fanout::start(
         downstream.clone(),
+        Pool::new(
+            &config.users_url,
+            usize::from(config.replay_connections),
+            &tls,
+        )?,
         token,
-        usize::try_from(config.watch_buffer).unwrap_or(1024),
-        usize::try_from(config.max_watch_streams).unwrap_or(usize::MAX),
+        watch::WatchLimits {
+            ring: count(config.watch_buffer),
+            max_subscribers: count(config.max_watch_streams),
+            per_caller: count(config.max_watch_streams_per_caller),
+            catch_up_pages: count(config.catch_up_pages),
+            page_events: watch::PAGE_EVENTS,
+            page_reads: count(config.replay_reads),
+            replay_idle: config.replay_idle_timeout,
+        },
         lifecycle.drain().clone(),
     );
     let open = Arc::downgrade(&fanout);
@@ -111,8 +132,14 @@ pub async fn serve(
                 .map_or(0, |f| i64::try_from(f.subscribers()).unwrap_or(i64::MAX))
         },
     );
-    let keys = Arc::new(config.authn.jwks_cache());
-    let handlers = AggregatorServer::new(downstream.clone(), fanout, config.default_deadline);
+    let keys = Arc::new(config.authn.jwks_cache(&tls)?);
+    // Revoked sessions and withdrawn keys reach this verifier within moments.
+    let following = tokio::spawn(keys.clone().follow());
+    let edge = Arc::new(edge::EdgeLimits::new(
+        config.login_failures_per_address,
+        config.signups_per_address,
+    ));
+    let handlers = AggregatorServer::new(downstream.clone(), fanout, edge, config.default_deadline);
     let service = AuthLayer::new(keys, PUBLIC_METHODS).layer(handlers.into_service(&config.server));
     let dependencies = tokio::spawn(watch_dependencies(
         downstream,
@@ -120,9 +147,12 @@ pub async fn serve(
         config.dependency_check_interval,
     ));
     let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::AGGREGATOR)
-        .long_lived(&["WatchProfiles", "LookupProfiles"]);
+        .long_lived(&["WatchProfiles", "LookupProfiles"])
+        .public(PUBLIC_METHODS)
+        .request_limits(server::REQUEST_LIMITS);
     let served = mesh_runtime::serve(listener, spec, &lifecycle, &config.server, shutdown).await;
     dependencies.abort();
+    following.abort();
     fanout_task.abort();
     served
 }

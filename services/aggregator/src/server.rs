@@ -23,7 +23,10 @@ use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::{
-    downstream::{CallContext, Downstreams, relay},
+    downstream::{CallContext, Downstreams},
+    edge::EdgeLimits,
+    error::AggregatorError,
+    slots::StreamSlots,
     watch::Fanout,
 };
 
@@ -36,6 +39,28 @@ pub const PROFILE_BATCHES_IN_FLIGHT: usize = 8;
 /// Lookups in flight per `LookupProfiles` stream; the client's further ids wait (in HTTP/2 flow
 /// control) until results are read.
 pub const LOOKUPS_IN_FLIGHT: usize = 32;
+/// Lookups in flight in all `LookupProfiles` streams of the process; beyond it, a stream's next
+/// lookup waits for one to finish.
+pub const LOOKUPS_IN_FLIGHT_IN_ALL: usize = 256;
+/// `LookupProfiles` streams the process serves at once.
+pub const MAX_LOOKUP_STREAMS: usize = 1000;
+/// `LookupProfiles` streams one caller may hold at once.
+pub const MAX_LOOKUP_STREAMS_PER_CALLER: usize = 16;
+/// The largest request of each method, where the server-wide 4 MiB is far more than it needs:
+/// an e-mail, a password and a display name fit in 4 KiB, a profile in 16 KiB, 10,000 ids of
+/// 36 characters (with their framing) in 512 KiB.
+pub const REQUEST_LIMITS: &[(&str, usize)] = &[
+    ("SignUp", 4 * 1024),
+    ("Login", 4 * 1024),
+    ("Refresh", 1024),
+    ("Logout", 1024),
+    ("UpdateProfile", 16 * 1024),
+    ("DeleteAccount", 4 * 1024),
+    ("GetMe", 1024),
+    ("GetProfiles", 512 * 1024),
+    ("LookupProfiles", 1024),
+    ("WatchProfiles", 1024),
+];
 /// How long undoing a half-made sign-up may take, whether or not the caller is still there.
 const UNDO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -49,7 +74,10 @@ pub struct AggregatorServer {
 struct Inner {
     downstream: Arc<Downstreams>,
     fanout: Arc<Fanout>,
+    edge: Arc<EdgeLimits>,
     default_deadline: Duration,
+    lookup_streams: Arc<StreamSlots>,
+    lookups: Arc<tokio::sync::Semaphore>,
 }
 
 fn profile_of(user: users::User, viewer: Option<&str>) -> Profile {
@@ -91,19 +119,19 @@ fn session_of(session: auth::Session) -> Session {
     }
 }
 
-fn claims<T>(request: &Request<T>) -> Result<Claims, Status> {
+fn claims<T>(request: &Request<T>) -> Result<Claims, AggregatorError> {
     request
         .extensions()
         .get::<Claims>()
         .cloned()
-        .ok_or_else(|| Status::unauthenticated("missing or invalid access token"))
+        .ok_or(AggregatorError::Unauthenticated)
 }
 
 /// The caller's claims, which must be a user's (the methods about "me").
-fn user_claims<T>(request: &Request<T>) -> Result<Claims, Status> {
+fn user_claims<T>(request: &Request<T>) -> Result<Claims, AggregatorError> {
     let claims = claims(request)?;
     if claims.is_service() {
-        return Err(Status::permission_denied(
+        return Err(AggregatorError::PermissionDenied(
             "a service token has no account or profile of its own",
         ));
     }
@@ -120,27 +148,32 @@ fn item_error(user_id: String, code: Code, message: impl Into<String>) -> Profil
     }
 }
 
-/// A user id as users accepts it (a UUID, either case), lower-cased; `None` if malformed.
-fn normalize_id(raw: &str) -> Option<String> {
-    let trimmed = raw.trim();
-    let valid = trimmed.len() == 36
-        && trimmed.bytes().enumerate().all(|(i, b)| match i {
-            8 | 13 | 18 | 23 => b == b'-',
-            _ => b.is_ascii_hexdigit(),
-        });
-    valid.then(|| trimmed.to_ascii_lowercase())
+/// `raw` as a result shows a malformed id: its first
+/// [`mesh_proto::rules::SHOWN_ID_CHARS`] characters.
+fn shown_id(raw: &str) -> String {
+    mesh_proto::rules::shown(raw, mesh_proto::rules::SHOWN_ID_CHARS)
 }
 
-/// The display name rule of users (1–64 characters after trimming), checked before anything
-/// is created.
-fn check_display_name(raw: &str) -> Result<(), Status> {
-    let chars = raw.trim().chars().count();
-    if chars == 0 || chars > 64 {
-        return Err(Status::invalid_argument(
-            "display_name must be 1 to 64 characters after trimming",
-        ));
-    }
-    Ok(())
+/// A user id as users accepts it (the contract's rule), lower-cased; `None` if malformed.
+fn normalize_id(raw: &str) -> Option<String> {
+    mesh_proto::rules::parse_user_id("user_id", raw).ok()
+}
+
+/// users' display-name rule, checked before anything is created.
+fn check_display_name(raw: &str) -> Result<(), AggregatorError> {
+    mesh_proto::rules::parse_display_name(raw)
+        .map(drop)
+        .map_err(|invalid| AggregatorError::InvalidArgument(invalid.0))
+}
+
+/// Runs `work` to its end on its own task, in the call's span (so its downstream calls belong
+/// to the caller's trace), whether or not the caller waits for it.
+async fn to_completion<T: Send + 'static>(
+    work: impl Future<Output = Result<T, AggregatorError>> + Send + 'static,
+) -> Result<T, AggregatorError> {
+    tokio::spawn(tracing::Instrument::in_current_span(work))
+        .await
+        .map_err(|_| AggregatorError::Internal("a call's task failed"))?
 }
 
 /// A boxed server stream of `T`.
@@ -150,13 +183,21 @@ impl AggregatorServer {
     pub(crate) fn new(
         downstream: Arc<Downstreams>,
         fanout: Arc<Fanout>,
+        edge: Arc<EdgeLimits>,
         default_deadline: Duration,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 downstream,
                 fanout,
+                edge,
                 default_deadline,
+                lookup_streams: StreamSlots::new(
+                    "LookupProfiles",
+                    MAX_LOOKUP_STREAMS,
+                    MAX_LOOKUP_STREAMS_PER_CALLER,
+                ),
+                lookups: Arc::new(tokio::sync::Semaphore::new(LOOKUPS_IN_FLIGHT_IN_ALL)),
             }),
         }
     }
@@ -171,15 +212,21 @@ impl AggregatorServer {
             .max_decoding_message_size(limits.max_request_bytes)
             .max_encoding_message_size(limits.max_response_bytes)
     }
+}
 
+impl Inner {
     fn context<T>(&self, request: &Request<T>) -> CallContext {
-        CallContext::of(request, self.inner.default_deadline)
+        CallContext::of(request, self.default_deadline)
     }
 
     /// `Register`, then `CreateUser` with the new token; if the profile cannot be made, the
     /// credentials are removed again. Runs to the end even if the caller goes away, so no
     /// half-made account is left behind.
-    async fn sign_up(&self, request: Request<SignUpRequest>) -> Result<SignUpResponse, Status> {
+    async fn sign_up(
+        &self,
+        request: Request<SignUpRequest>,
+    ) -> Result<SignUpResponse, AggregatorError> {
+        let working = self.edge.sign_up(peer_ip(&request))?;
         let ctx = self.context(&request);
         let SignUpRequest {
             email,
@@ -187,91 +234,84 @@ impl AggregatorServer {
             display_name,
         } = request.into_inner();
         check_display_name(&display_name)?;
-        let downstream = self.inner.downstream.clone();
-        let work = async move {
+        let downstream = self.downstream.clone();
+        to_completion(async move {
+            // Held until the sign-up is done (its Argon2id hash is this address's work).
+            let _working = working;
             let registered = downstream
-                .auth()
-                .register(ctx.request(auth::RegisterRequest {
-                    email,
-                    password: password.clone(),
-                })?)
-                .await
-                .map_err(|s| relay("auth", s))?
-                .into_inner();
+                .register(
+                    &ctx,
+                    auth::RegisterRequest {
+                        email,
+                        password: password.clone(),
+                    },
+                )
+                .await?;
             let pair = registered
                 .tokens
-                .ok_or_else(|| Status::internal("internal error"))?;
+                .ok_or(AggregatorError::Internal("Register answered no tokens"))?;
             let as_new_user = ctx.with_token(pair.access_token.clone());
-            let created = match as_new_user.request(users::CreateUserRequest {
-                user: Some(users::User {
-                    display_name,
-                    ..users::User::default()
-                }),
-                request_id: format!("signup-{}", registered.user_id),
-            }) {
-                Ok(request) => downstream.users().create_user(request).await,
-                Err(status) => Err(status),
+            let user = users::User {
+                display_name,
+                ..users::User::default()
             };
+            let created = downstream
+                .create_user(
+                    &as_new_user,
+                    users::CreateUserRequest {
+                        user: Some(user),
+                        request_id: format!("signup-{}", registered.user_id),
+                    },
+                )
+                .await;
             match created {
                 Ok(user) => Ok(SignUpResponse {
-                    profile: Some(profile_of(user.into_inner(), Some(&registered.user_id))),
+                    profile: Some(profile_of(user, Some(&registered.user_id))),
                     tokens: Some(tokens_of(pair)),
                 }),
                 Err(failure) => {
                     let undo = as_new_user.detached(UNDO_TIMEOUT);
-                    let undone = match undo.request(auth::DeleteAccountRequest { password }) {
-                        Ok(request) => downstream.auth().delete_account(request).await.map(drop),
-                        Err(status) => Err(status),
-                    };
-                    if let Err(err) = undone {
+                    if let Err(err) = downstream.delete_credentials(&undo, password).await {
                         tracing::error!(user_id = %registered.user_id, error = %err,
                             "sign-up failed and its credentials could not be removed");
                     }
-                    Err(relay("users", failure))
+                    Err(failure)
                 }
             }
-        };
-        // In the call's span, so its downstream calls belong to the caller's trace.
-        tokio::spawn(tracing::Instrument::in_current_span(work))
-            .await
-            .map_err(|_| Status::internal("internal error"))?
+        })
+        .await
     }
 
-    async fn login(&self, request: Request<LoginRequest>) -> Result<LoginResponse, Status> {
+    async fn login(
+        &self,
+        request: Request<LoginRequest>,
+    ) -> Result<LoginResponse, AggregatorError> {
+        let check = self.edge.check(peer_ip(&request))?;
         let ctx = self.context(&request);
         let LoginRequest { email, password } = request.into_inner();
-        let reply = self
-            .inner
-            .downstream
-            .auth()
-            .login(ctx.request(auth::LoginRequest { email, password })?)
-            .await
-            .map_err(|s| relay("auth", s))?
-            .into_inner();
+        // Run to the end even if the caller goes away, so that the check is settled with
+        // auth's real answer (auth settles its own count the same way).
+        let downstream = self.downstream.clone();
+        let login_ctx = ctx.clone();
+        let reply = to_completion(async move {
+            let answered = downstream
+                .login(&login_ctx, auth::LoginRequest { email, password })
+                .await;
+            check.settle(&answered);
+            answered.map_err(AggregatorError::auth)
+        })
+        .await?;
         let pair = reply
             .tokens
-            .ok_or_else(|| Status::internal("internal error"))?;
-        let as_user = ctx.with_token(pair.access_token.clone());
+            .ok_or(AggregatorError::Internal("Login answered no tokens"))?;
         // The login has happened: a profile that cannot be read now is left unset rather than
         // failing the call (which would lose the new session's tokens); GetMe reads it again.
-        let downstream = &self.inner.downstream;
-        let profile = match as_user
-            .read(
-                downstream.budget(),
-                users::GetUserRequest {
-                    id: reply.user_id.clone(),
-                },
-                |request| {
-                    let mut client = downstream.users();
-                    async move { client.get_user(request).await }
-                },
-            )
-            .await
-        {
+        let as_user = ctx.with_token(pair.access_token.clone());
+        let profile = match self.downstream.get_user(&as_user, &reply.user_id).await {
             Ok(user) => Some(profile_of(user, Some(&reply.user_id))),
-            Err(status) => {
-                if status.code() != Code::NotFound {
-                    tracing::warn!(error = %status, "profile unavailable at login");
+            Err(err) => {
+                if !err.is_not_found() {
+                    tracing::warn!(error = %err, "profile unavailable at login");
                 }
                 None
             }
@@ -282,40 +322,35 @@ impl AggregatorServer {
         })
     }
 
-    async fn refresh(&self, request: Request<RefreshRequest>) -> Result<RefreshResponse, Status> {
+    async fn refresh(
+        &self,
+        request: Request<RefreshRequest>,
+    ) -> Result<RefreshResponse, AggregatorError> {
         let ctx = self.context(&request);
+        let refresh_token = request.into_inner().refresh_token;
         let reply = self
-            .inner
             .downstream
-            .auth()
-            .refresh(ctx.request(auth::RefreshRequest {
-                refresh_token: request.into_inner().refresh_token,
-            })?)
-            .await
-            .map_err(|s| relay("auth", s))?
-            .into_inner();
+            .refresh(&ctx, auth::RefreshRequest { refresh_token })
+            .await?;
         Ok(RefreshResponse {
             tokens: reply.tokens.map(tokens_of),
         })
     }
 
-    async fn logout(&self, request: Request<LogoutRequest>) -> Result<LogoutResponse, Status> {
+    async fn logout(
+        &self,
+        request: Request<LogoutRequest>,
+    ) -> Result<LogoutResponse, AggregatorError> {
         let ctx = self.context(&request);
-        self.inner
-            .downstream
-            .auth()
-            .logout(ctx.request(auth::LogoutRequest {
-                refresh_token: request.into_inner().refresh_token,
-            })?)
-            .await
-            .map_err(|s| relay("auth", s))?;
+        let refresh_token = request.into_inner().refresh_token;
+        self.downstream.logout(&ctx, refresh_token).await?;
         Ok(LogoutResponse {})
     }
 
     async fn update_profile(
         &self,
         request: Request<UpdateProfileRequest>,
-    ) -> Result<Profile, Status> {
+    ) -> Result<Profile, AggregatorError> {
         let claims = user_claims(&request)?;
         let ctx = self.context(&request);
         let UpdateProfileRequest {
@@ -327,107 +362,91 @@ impl AggregatorServer {
         if !profile.user_id.is_empty()
             && normalize_id(&profile.user_id).as_deref() != Some(claims.sub.as_str())
         {
-            return Err(Status::permission_denied(
+            return Err(AggregatorError::PermissionDenied(
                 "only the owner may update a profile",
             ));
         }
-        let user = self
-            .inner
+        let user = users::User {
+            id: claims.sub.clone(),
+            display_name: profile.display_name,
+            bio: profile.bio,
+            ..users::User::default()
+        };
+        let updated = self
             .downstream
-            .users()
-            .update_user(ctx.request(users::UpdateUserRequest {
-                user: Some(users::User {
-                    id: claims.sub.clone(),
-                    display_name: profile.display_name,
-                    bio: profile.bio,
-                    ..users::User::default()
-                }),
-                update_mask,
-                expected_version,
-            })?)
-            .await
-            .map_err(|s| relay("users", s))?
-            .into_inner();
-        Ok(profile_of(user, Some(&claims.sub)))
+            .update_user(
+                &ctx,
+                users::UpdateUserRequest {
+                    user: Some(user),
+                    update_mask,
+                    expected_version,
+                },
+            )
+            .await?;
+        Ok(profile_of(updated, Some(&claims.sub)))
     }
 
     /// Checks the password (a login that removes nothing), removes the profile, then the
     /// credentials. A retry after a partial failure finds the profile gone and finishes.
-    async fn delete_account(&self, request: Request<DeleteAccountRequest>) -> Result<(), Status> {
+    async fn delete_account(
+        &self,
+        request: Request<DeleteAccountRequest>,
+    ) -> Result<DeleteAccountResponse, AggregatorError> {
         let claims = user_claims(&request)?;
+        let check = self.edge.check(peer_ip(&request))?;
         let ctx = self.context(&request);
         let password = request.into_inner().password;
         let email = claims.email.clone().unwrap_or_default();
-        let downstream = self.inner.downstream.clone();
-        let work = async move {
-            downstream
-                .auth()
-                .login(ctx.request(auth::LoginRequest {
-                    email,
-                    password: password.clone(),
-                })?)
-                .await
-                .map_err(|s| relay("auth", s))?;
-            match downstream
-                .users()
-                .delete_user(ctx.request(users::DeleteUserRequest {
-                    id: claims.sub.clone(),
-                })?)
-                .await
-            {
-                Ok(_) => {}
-                Err(status) if status.code() == Code::NotFound => {}
-                Err(status) => return Err(relay("users", status)),
-            }
-            downstream
-                .auth()
-                .delete_account(ctx.request(auth::DeleteAccountRequest { password })?)
-                .await
-                .map_err(|s| relay("auth", s))?;
-            Ok(())
-        };
+        let downstream = self.downstream.clone();
         // Once begun, the steps run to the end even if the caller goes away.
-        // In the call's span, so its downstream calls belong to the caller's trace.
-        tokio::spawn(tracing::Instrument::in_current_span(work))
-            .await
-            .map_err(|_| Status::internal("internal error"))?
+        to_completion(async move {
+            let checked = downstream
+                .login(
+                    &ctx,
+                    auth::LoginRequest {
+                        email,
+                        password: password.clone(),
+                    },
+                )
+                .await;
+            check.settle(&checked);
+            let checked = checked.map_err(AggregatorError::auth)?;
+            // The check made a session of its own: end it at once (best effort), so checks do
+            // not pile up sessions (or push the account's oldest out).
+            if let Some(tokens) = checked.tokens
+                && let Err(err) = downstream.logout(&ctx, tokens.refresh_token).await
+            {
+                tracing::debug!(error = %err, "the password check's session stays");
+            }
+            match downstream.delete_user(&ctx, claims.sub.clone()).await {
+                Err(err) if !err.is_not_found() => return Err(err),
+                _ => {}
+            }
+            downstream.delete_credentials(&ctx, password).await?;
+            Ok(DeleteAccountResponse {})
+        })
+        .await
     }
 
     /// The profile (users) and the sessions (auth), fetched concurrently.
-    async fn get_me(&self, request: Request<GetMeRequest>) -> Result<GetMeResponse, Status> {
+    async fn get_me(
+        &self,
+        request: Request<GetMeRequest>,
+    ) -> Result<GetMeResponse, AggregatorError> {
         let claims = user_claims(&request)?;
         let ctx = self.context(&request);
-        let downstream = &self.inner.downstream;
-        ctx.remaining()?;
         let (profile, sessions) = tokio::join!(
-            ctx.read(
-                downstream.budget(),
-                users::GetUserRequest {
-                    id: claims.sub.clone(),
-                },
-                |request| {
-                    let mut client = downstream.users();
-                    async move { client.get_user(request).await }
-                },
-            ),
-            ctx.read(
-                downstream.budget(),
-                auth::ListSessionsRequest {},
-                |request| {
-                    let mut client = downstream.auth();
-                    async move { client.list_sessions(request).await }
-                },
-            ),
+            self.downstream.get_user(&ctx, &claims.sub),
+            self.downstream.list_sessions(&ctx),
         );
         let profile = match profile {
             Ok(user) => Some(profile_of(user, Some(&claims.sub))),
-            Err(status) if status.code() == Code::NotFound => None,
-            Err(status) => return Err(relay("users", status)),
+            Err(err) if err.is_not_found() => None,
+            Err(err) => return Err(err),
         };
-        let sessions = sessions.map_err(|s| relay("auth", s))?.sessions;
         Ok(GetMeResponse {
             profile,
-            sessions: sessions.into_iter().map(session_of).collect(),
+            sessions: sessions?.sessions.into_iter().map(session_of).collect(),
             token_expire_time: Some(prost_types::Timestamp {
                 seconds: claims.exp,
                 nanos: 0,
@@ -440,53 +459,39 @@ impl AggregatorServer {
     fn get_profiles(
         &self,
         request: Request<GetProfilesRequest>,
-    ) -> Result<BoxStream<ProfileResult>, Status> {
+    ) -> Result<BoxStream<ProfileResult>, AggregatorError> {
         let claims = claims(&request)?;
         let ctx = self.context(&request);
         let raw = request.into_inner().user_ids;
         if raw.len() > MAX_PROFILE_IDS {
-            return Err(Status::invalid_argument(format!(
+            return Err(AggregatorError::InvalidArgument(format!(
                 "user_ids: at most {MAX_PROFILE_IDS} per call (got {})",
                 raw.len()
             )));
         }
-        let mut seen = HashSet::with_capacity(raw.len());
-        let mut malformed = Vec::new();
-        let mut valid = Vec::new();
-        for id in raw {
-            match normalize_id(&id) {
-                Some(normal) => {
-                    if seen.insert(normal.clone()) {
-                        valid.push(normal);
-                    }
-                }
-                None => {
-                    if seen.insert(id.clone()) {
-                        malformed.push(item_error(
-                            id,
-                            Code::InvalidArgument,
-                            "user_id is not a UUID",
-                        ));
-                    }
-                }
-            }
-        }
-        let downstream = self.inner.downstream.clone();
+        let downstream = self.downstream.clone();
         let viewer = claims.sub;
-        let batches: Vec<Vec<String>> = valid
-            .chunks(PROFILE_BATCH)
-            .map(<[String]>::to_vec)
-            .collect();
-        let looked_up = stream::iter(batches)
-            .map(move |ids| {
+        // Lazily: ids are taken from the request as results are read, so a client that reads
+        // nothing makes the server hold its request and a few batches, not every result.
+        let results = stream::iter(Batches::new(raw))
+            .map(move |work| {
                 let (downstream, ctx, viewer) = (downstream.clone(), ctx.clone(), viewer.clone());
-                async move { batch_results(&downstream, &ctx, ids, &viewer).await }
+                async move {
+                    match work {
+                        Work::Malformed(id) => {
+                            vec![item_error(
+                                id,
+                                Code::InvalidArgument,
+                                "user_id is not a UUID",
+                            )]
+                        }
+                        Work::Batch(ids) => batch_results(&downstream, &ctx, ids, &viewer).await,
+                    }
+                }
             })
             .buffer_unordered(PROFILE_BATCHES_IN_FLIGHT)
             .flat_map(|results| stream::iter(results.into_iter().map(Ok)));
-        Ok(Box::pin(
-            stream::iter(malformed.into_iter().map(Ok)).chain(looked_up),
-        ))
+        Ok(Box::pin(results))
     }
 
     /// Each id the client sends is looked up concurrently with the others (at most
@@ -494,23 +499,51 @@ impl AggregatorServer {
     fn lookup_profiles(
         &self,
         request: Request<Streaming<LookupProfilesRequest>>,
-    ) -> Result<BoxStream<ProfileResult>, Status> {
+    ) -> Result<BoxStream<ProfileResult>, AggregatorError> {
         let claims = claims(&request)?;
+        let slot = self
+            .lookup_streams
+            .take(mesh_runtime::bounded::key16(&[claims.sub.as_bytes()]))?;
         let ctx = self.context(&request);
-        let downstream = self.inner.downstream.clone();
+        // The caller's deadline bounds the whole stream; without one, each lookup gets the
+        // default deadline of its own (the stream may stay open far longer).
+        let own_deadline = request
+            .metadata()
+            .get(mesh_proto::headers::GRPC_TIMEOUT)
+            .is_none();
+        let default_deadline = self.default_deadline;
+        let downstream = self.downstream.clone();
+        let lookups = self.lookups.clone();
         let viewer = claims.sub;
         let input = request.into_inner();
         let results = input
             .map(move |item| {
-                let (downstream, ctx, viewer) = (downstream.clone(), ctx.clone(), viewer.clone());
+                // The stream's place goes with the stream (this closure lives as long).
+                let _place = &slot;
+                let (downstream, ctx, viewer, lookups) = (
+                    downstream.clone(),
+                    ctx.clone(),
+                    viewer.clone(),
+                    lookups.clone(),
+                );
                 async move {
                     let raw = item?.user_id;
                     let Some(id) = normalize_id(&raw) else {
                         return Ok(item_error(
-                            raw,
+                            shown_id(&raw),
                             Code::InvalidArgument,
                             "user_id is not a UUID",
                         ));
+                    };
+                    let _lookup = lookups.acquire_owned().await.map_err(|_| {
+                        Status::from(AggregatorError::Unavailable(
+                            "the server is shutting down".into(),
+                        ))
+                    })?;
+                    let ctx = if own_deadline {
+                        ctx.detached(default_deadline)
+                    } else {
+                        ctx
                     };
                     let mut results =
                         batch_results(&downstream, &ctx, vec![id.clone()], &viewer).await;
@@ -522,28 +555,95 @@ impl AggregatorServer {
             .buffer_unordered(LOOKUPS_IN_FLIGHT);
         Ok(Box::pin(results))
     }
+
+    async fn watch_profiles(
+        &self,
+        request: Request<WatchProfilesRequest>,
+    ) -> Result<BoxStream<ProfileEvent>, AggregatorError> {
+        let caller = claims(&request)?;
+        let after = request.into_inner().after_sequence;
+        let events = self
+            .fanout
+            .subscribe(
+                mesh_runtime::bounded::key16(&[caller.sub.as_bytes()]),
+                after,
+            )
+            .await?;
+        tracing::debug!(
+            subscribers = self.fanout.subscribers(),
+            ?after,
+            "watch started"
+        );
+        Ok(events)
+    }
+}
+
+/// The client address of `request`, for the per-address limits.
+fn peer_ip<T>(request: &Request<T>) -> Option<std::net::IpAddr> {
+    mesh_runtime::peer_addr(request.extensions()).map(|a| a.ip())
+}
+
+/// What one step of a `GetProfiles` does.
+enum Work {
+    /// Answer a malformed id (as shown) with INVALID_ARGUMENT.
+    Malformed(String),
+    /// Look up these distinct, normalised ids in one `BatchGetUsers`.
+    Batch(Vec<String>),
+}
+
+/// The steps of a `GetProfiles`, made from its ids as they are needed: duplicates collapsed,
+/// valid ids in batches of [`PROFILE_BATCH`].
+struct Batches {
+    raw: std::vec::IntoIter<String>,
+    seen: HashSet<String>,
+    batch: Vec<String>,
+}
+
+impl Batches {
+    fn new(raw: Vec<String>) -> Self {
+        Self {
+            seen: HashSet::with_capacity(raw.len()),
+            raw: raw.into_iter(),
+            batch: Vec::with_capacity(PROFILE_BATCH),
+        }
+    }
+}
+
+impl Iterator for Batches {
+    type Item = Work;
+
+    fn next(&mut self) -> Option<Work> {
+        for id in self.raw.by_ref() {
+            match normalize_id(&id) {
+                Some(normal) => {
+                    if self.seen.insert(normal.clone()) {
+                        self.batch.push(normal);
+                        if self.batch.len() == PROFILE_BATCH {
+                            return Some(Work::Batch(std::mem::take(&mut self.batch)));
+                        }
+                    }
+                }
+                None => {
+                    let shown = shown_id(&id);
+                    if self.seen.insert(id) {
+                        return Some(Work::Malformed(shown));
+                    }
+                }
+            }
+        }
+        (!self.batch.is_empty()).then(|| Work::Batch(std::mem::take(&mut self.batch)))
+    }
 }
 
 /// One `BatchGetUsers` call's results, one per id: the profile, NOT_FOUND, or the call's
-/// failure as each item's error.
+/// failure (as the caller would see it) as each item's error.
 async fn batch_results(
     downstream: &Downstreams,
     ctx: &CallContext,
     ids: Vec<String>,
     viewer: &str,
 ) -> Vec<ProfileResult> {
-    let reply = ctx
-        .read(
-            downstream.budget(),
-            users::BatchGetUsersRequest { ids: ids.clone() },
-            |request| {
-                let mut client = downstream.users();
-                async move { client.batch_get_users(request).await }
-            },
-        )
-        .await
-        .map_err(|s| relay("users", s));
-    match reply {
+    match downstream.batch_get_users(ctx, ids.clone()).await {
         Ok(reply) => {
             let mut results: Vec<ProfileResult> = reply
                 .users
@@ -564,73 +664,66 @@ async fn batch_results(
             );
             results
         }
-        Err(status) => ids
-            .into_iter()
-            .map(|id| item_error(id, status.code(), status.message()))
-            .collect(),
+        Err(err) => {
+            let status = Status::from(err);
+            ids.into_iter()
+                .map(|id| item_error(id, status.code(), status.message()))
+                .collect()
+        }
     }
 }
 
+/// Each method: the handler of the same name on `Inner`, its error mapped by
+/// [`From<AggregatorError> for Status`].
 #[tonic::async_trait]
 impl AggregatorService for AggregatorServer {
     async fn sign_up(
         &self,
         request: Request<SignUpRequest>,
     ) -> Result<Response<SignUpResponse>, Status> {
-        Ok(Response::new(
-            AggregatorServer::sign_up(self, request).await?,
-        ))
+        Ok(Response::new(self.inner.sign_up(request).await?))
     }
 
     async fn login(
         &self,
         request: Request<LoginRequest>,
     ) -> Result<Response<LoginResponse>, Status> {
-        Ok(Response::new(AggregatorServer::login(self, request).await?))
+        Ok(Response::new(self.inner.login(request).await?))
     }
 
     async fn refresh(
         &self,
         request: Request<RefreshRequest>,
     ) -> Result<Response<RefreshResponse>, Status> {
-        Ok(Response::new(
-            AggregatorServer::refresh(self, request).await?,
-        ))
+        Ok(Response::new(self.inner.refresh(request).await?))
     }
 
     async fn logout(
         &self,
         request: Request<LogoutRequest>,
     ) -> Result<Response<LogoutResponse>, Status> {
-        Ok(Response::new(
-            AggregatorServer::logout(self, request).await?,
-        ))
+        Ok(Response::new(self.inner.logout(request).await?))
     }
 
     async fn update_profile(
         &self,
         request: Request<UpdateProfileRequest>,
     ) -> Result<Response<Profile>, Status> {
-        Ok(Response::new(
-            AggregatorServer::update_profile(self, request).await?,
-        ))
+        Ok(Response::new(self.inner.update_profile(request).await?))
     }
 
     async fn delete_account(
         &self,
         request: Request<DeleteAccountRequest>,
     ) -> Result<Response<DeleteAccountResponse>, Status> {
-        AggregatorServer::delete_account(self, request).await?;
-        Ok(Response::new(DeleteAccountResponse {}))
+        Ok(Response::new(self.inner.delete_account(request).await?))
     }
 
     async fn get_me(
         &self,
         request: Request<GetMeRequest>,
     ) -> Result<Response<GetMeResponse>, Status> {
-        Ok(Response::new(
-            AggregatorServer::get_me(self, request).await?,
-        ))
+        Ok(Response::new(self.inner.get_me(request).await?))
     }
 
     type GetProfilesStream = BoxStream<ProfileResult>;
@@ -639,9 +732,7 @@ impl AggregatorService for AggregatorServer {
         &self,
         request: Request<GetProfilesRequest>,
     ) -> Result<Response<Self::GetProfilesStream>, Status> {
-        Ok(Response::new(AggregatorServer::get_profiles(
-            self, request,
-        )?))
+        Ok(Response::new(self.inner.get_profiles(request)?))
     }
 
     type LookupProfilesStream = BoxStream<ProfileResult>;
@@ -650,9 +741,7 @@ impl AggregatorService for AggregatorServer {
         &self,
         request: Request<Streaming<LookupProfilesRequest>>,
     ) -> Result<Response<Self::LookupProfilesStream>, Status> {
-        Ok(Response::new(AggregatorServer::lookup_profiles(
-            self, request,
-        )?))
+        Ok(Response::new(self.inner.lookup_profiles(request)?))
     }
 
     type WatchProfilesStream = BoxStream<ProfileEvent>;
@@ -661,14 +750,6 @@ impl AggregatorService for AggregatorServer {
         &self,
         request: Request<WatchProfilesRequest>,
     ) -> Result<Response<Self::WatchProfilesStream>, Status> {
-        claims(&request)?;
-        let after = request.into_inner().after_sequence;
-        let events = self.inner.fanout.subscribe(after).await?;
-        tracing::debug!(
-            subscribers = self.inner.fanout.subscribers(),
-            ?after,
-            "watch started"
-        );
-        Ok(Response::new(events))
+        Ok(Response::new(self.inner.watch_profiles(request).await?))
     }
 }

@@ -1,23 +1,30 @@
 //! `WatchProfiles`: ONE upstream `WatchUsers` subscription per aggregator process, fanned out
-//! to every subscriber.
+//! to every subscriber from a ring of recent events.
 //!
 //! The upstream task authenticates with a service token (`IssueServiceToken`, renewed before
 //! it expires), learns the log's position from the stream's `x-mesh-log-head` metadata, and
 //! after any disconnect (users restarting) reconnects with backoff and resumes from the last
-//! sequence it saw — so the local feed has no gap. Each event is broadcast once.
+//! sequence it saw — so the relay has no gap. Each event goes into the ring once and the head
+//! (the newest sequence) moves on; every subscriber is woken and reads what it has not sent.
 //!
-//! A subscriber subscribes to the broadcast first. Without a position it takes the live events
-//! from there. With one, it first reads users' log through a replay stream of its own and
-//! switches to the broadcast as soon as the replay reaches the oldest event the broadcast holds
-//! for it: every later event is in the broadcast, every earlier one came from the replay, so
-//! there is no gap and (skipping what was already sent) no duplicate. A subscriber that falls
-//! more than the buffer behind replays the same way from where it was.
+//! A subscriber is only a position in the log. Whatever is after its position and still in the
+//! ring is served from the ring, shared; whatever is older — a replay from `after_sequence`, or
+//! a subscriber that fell more than the ring behind — is read from users' log in small pages,
+//! on the relay's own connection to users ([`Replays`]): a page read holds an upstream stream
+//! for the milliseconds it takes, never for as long as a slow client takes to read, so replays
+//! cannot fill the connections GetMe and GetProfiles use. Pages held by subscribers are bounded
+//! in all ([`WatchLimits::catch_up_pages`]); a page its client has not read for
+//! [`WatchLimits::replay_idle`] is dropped (and read again if the client comes back). Streams
+//! are bounded in all and per caller.
+//!
+//! Erasure: once an account is deleted, no replay shows its display name or bio — events of a
+//! deleted profile still in the ring are served erased, and its DELETED event carries the last
+//! state only to subscribers that were live when it happened (users' stored log is erased the
+//! same way).
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicI64, Ordering},
-    },
+    collections::VecDeque,
+    sync::{Arc, Mutex, OnceLock, RwLock, Weak},
     time::Duration,
 };
 
@@ -27,28 +34,49 @@ use mesh_proto::{
     auth::v1::IssueServiceTokenRequest,
     users::v1::{EventKind, UserEvent, WatchUsersRequest},
 };
-use mesh_runtime::Drain;
+use mesh_runtime::{
+    Drain,
+    bounded::{BoundedMap, key16},
+};
 use tokio::{
-    sync::{Mutex, broadcast},
+    sync::{OwnedSemaphorePermit, Semaphore, watch},
     time::Instant,
 };
-use tonic::{Request, Status, Streaming};
+use tonic::{Code, Request, Status, Streaming};
+
+use mesh_runtime::client::{Pool, Traced};
+use secrecy::{ExposeSecret as _, SecretString};
 
 use crate::{
-    downstream::{Downstreams, jitter, relay},
+    downstream::{Downstreams, retry::jitter},
+    error::AggregatorError,
     server::BoxStream,
+    slots::{Slot, StreamSlots},
 };
 
-/// Response metadata of users' `WatchUsers`: the log's position when the stream began.
-const LOG_HEAD_HEADER: &str = "x-mesh-log-head";
+// Response metadata of users' `WatchUsers`: the log's position when the stream began.
+use mesh_proto::headers::LOG_HEAD as LOG_HEAD_HEADER;
 /// Longest wait between upstream reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Events per catch-up page read from users' log.
+pub(crate) const PAGE_EVENTS: usize = 64;
+/// Events one subscriber takes from the ring at a time.
+const RING_BATCH: usize = 64;
+/// The longest a page read from users may take.
+const PAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a subscriber waits for a place for a catch-up page before its stream ends
+/// (UNAVAILABLE, naming where to resume).
+const PAGE_WAIT: Duration = Duration::from_secs(30);
+/// A page is held at most this many idle timeouts in all, however its client reads.
+const PAGE_HOLD_IDLES: u32 = 4;
+/// Deleted profiles the relay remembers for sending (an hour's worth, at most this many).
+const DELETED_KEPT: usize = 65_536;
 
 /// The aggregator's service identity for its own upstream calls.
 #[derive(Debug, Clone)]
 pub(crate) struct ServiceCredentials {
     pub(crate) client_id: String,
-    pub(crate) client_secret: String,
+    pub(crate) client_secret: SecretString,
 }
 
 /// A service token, fetched on first use and renewed once half its lifetime has passed.
@@ -56,7 +84,7 @@ pub(crate) struct ServiceCredentials {
 pub(crate) struct ServiceToken {
     credentials: Option<ServiceCredentials>,
     downstream: Arc<Downstreams>,
-    cached: Mutex<Option<(String, Instant)>>,
+    cached: tokio::sync::Mutex<Option<(SecretString, Instant)>>,
 }
 
 impl ServiceToken {
@@ -67,14 +95,14 @@ impl ServiceToken {
         Self {
             credentials,
             downstream,
-            cached: Mutex::new(None),
+            cached: tokio::sync::Mutex::new(None),
         }
     }
 
     /// A token valid for a while yet.
-    pub(crate) async fn get(&self) -> Result<String, Status> {
+    pub(crate) async fn get(&self) -> Result<SecretString, AggregatorError> {
         let Some(credentials) = &self.credentials else {
-            return Err(Status::failed_precondition(
+            return Err(AggregatorError::FailedPrecondition(
                 "the aggregator has no service credentials (--client-id, --client-secret)",
             ));
         };
@@ -86,7 +114,7 @@ impl ServiceToken {
         }
         let mut request = Request::new(IssueServiceTokenRequest {
             client_id: credentials.client_id.clone(),
-            client_secret: credentials.client_secret.clone(),
+            client_secret: credentials.client_secret.expose_secret().to_owned(),
         });
         request.set_timeout(Duration::from_secs(5));
         let reply = self
@@ -94,35 +122,233 @@ impl ServiceToken {
             .auth()
             .issue_service_token(request)
             .await
-            .map_err(|s| relay("auth", s))?
+            .map_err(AggregatorError::auth)?
             .into_inner();
-        let now_unix = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let now_unix = mesh_proto::time::unix_now();
         let lifetime = reply
             .expire_time
             .map(|t| t.seconds - now_unix)
             .unwrap_or(60)
             .max(2);
         let renew_at = Instant::now() + Duration::from_secs((lifetime / 2) as u64);
-        *cached = Some((reply.access_token.clone(), renew_at));
-        Ok(reply.access_token)
+        let token = SecretString::from(reply.access_token);
+        *cached = Some((token.clone(), renew_at));
+        Ok(token)
     }
+}
+
+/// The bounds of the relay and its subscribers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WatchLimits {
+    /// Events the ring keeps.
+    pub(crate) ring: usize,
+    /// Subscribers at once, in all.
+    pub(crate) max_subscribers: usize,
+    /// Subscribers at once with one caller's identity (token subject).
+    pub(crate) per_caller: usize,
+    /// Catch-up pages held by subscribers at once, in all.
+    pub(crate) catch_up_pages: usize,
+    /// Events per catch-up page.
+    pub(crate) page_events: usize,
+    /// Page reads from users at once.
+    pub(crate) page_reads: usize,
+    /// How long a held page may wait for its client to read it.
+    pub(crate) replay_idle: Duration,
+}
+
+/// One event in the ring.
+#[derive(Debug)]
+struct Entry {
+    sequence: i64,
+    user_id: String,
+    deleted_event: bool,
+    event: Arc<ProfileEvent>,
+    /// The event without display name and bio: for every reader once the profile is deleted,
+    /// and, for its DELETED event, for readers that replay it.
+    erased: OnceLock<Arc<ProfileEvent>>,
+}
+
+fn erase(event: &ProfileEvent) -> ProfileEvent {
+    let mut erased = event.clone();
+    if let Some(profile) = erased.profile.as_mut() {
+        profile.display_name.clear();
+        profile.bio.clear();
+    }
+    erased
+}
+
+/// The recent events, after `floor`: every event with a larger sequence is here.
+#[derive(Debug, Default)]
+struct Ring {
+    entries: VecDeque<Arc<Entry>>,
+    floor: i64,
+}
+
+impl Ring {
+    fn push(&mut self, event: ProfileEvent, capacity: usize) {
+        let user_id = event
+            .profile
+            .as_ref()
+            .map(|p| p.user_id.clone())
+            .unwrap_or_default();
+        let deleted_event = event.kind() == ProfileEventKind::Deleted;
+        if deleted_event {
+            // No replay shows a deleted profile's name or bio again.
+            for entry in self.entries.iter().filter(|e| e.user_id == user_id) {
+                let _ = entry.erased.set(Arc::new(erase(&entry.event)));
+            }
+        }
+        let entry = Entry {
+            sequence: event.sequence,
+            user_id,
+            deleted_event,
+            erased: OnceLock::new(),
+            event: Arc::new(event),
+        };
+        if deleted_event {
+            let _ = entry.erased.set(Arc::new(erase(&entry.event)));
+        }
+        self.entries.push_back(Arc::new(entry));
+        while self.entries.len() > capacity.max(1) {
+            if let Some(gone) = self.entries.pop_front() {
+                self.floor = gone.sequence;
+            }
+        }
+    }
+
+    /// Up to `max` events after `position`, as a reader that replays through `replay_until`
+    /// sees them; `None` when `position` is older than the ring.
+    fn after(
+        &self,
+        position: i64,
+        replay_until: i64,
+        max: usize,
+    ) -> Option<Vec<Arc<ProfileEvent>>> {
+        if position < self.floor {
+            return None;
+        }
+        let start = self.entries.partition_point(|e| e.sequence <= position);
+        Some(
+            self.entries
+                .range(start..)
+                .take(max)
+                .map(|entry| {
+                    let replayed = entry.sequence <= replay_until;
+                    match entry.erased.get() {
+                        Some(erased) if !entry.deleted_event || replayed => erased.clone(),
+                        _ => entry.event.clone(),
+                    }
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Reads pages of users' log on the relay's own connections, a bounded number at once.
+#[derive(Debug)]
+struct Replays {
+    pool: Pool,
+    reads: Arc<Semaphore>,
+    token: Arc<ServiceToken>,
+}
+
+impl Replays {
+    fn client(&self) -> mesh_proto::users::v1::user_service_client::UserServiceClient<Traced> {
+        mesh_proto::users::v1::user_service_client::UserServiceClient::new(self.pool.channel())
+    }
+
+    async fn open(&self, after: i64) -> Result<Streaming<UserEvent>, Status> {
+        let token = self.token.get().await?;
+        let mut request = mesh_authn::bearer_request(
+            token.expose_secret(),
+            WatchUsersRequest {
+                after_sequence: Some(after),
+            },
+        );
+        request.set_timeout(PAGE_TIMEOUT);
+        Ok(self.client().watch_users(request).await?.into_inner())
+    }
+
+    /// Whether users accepts `after` as a position (OUT_OF_RANGE beyond its log or before its
+    /// retained start).
+    async fn check(&self, after: i64) -> Result<(), Status> {
+        let _read = self
+            .reads
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| closed())?;
+        self.open(after).await.map(drop)
+    }
+
+    /// Up to `max` events after `after`, stopping at the first with a sequence of `until` or
+    /// more (those are in the ring).
+    async fn page(&self, after: i64, until: i64, max: usize) -> Result<Vec<ProfileEvent>, Status> {
+        let _read = self
+            .reads
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| closed())?;
+        let read = async {
+            let mut stream = self.open(after).await?;
+            let mut page = Vec::new();
+            while page.len() < max {
+                match stream.message().await? {
+                    Some(event) => {
+                        let sequence = event.sequence;
+                        page.push(profile_event(event));
+                        if sequence >= until {
+                            break;
+                        }
+                    }
+                    None => break,
+                }
+            }
+            Ok(page)
+        };
+        tokio::time::timeout(PAGE_TIMEOUT, read)
+            .await
+            .unwrap_or_else(|_| {
+                Err(AggregatorError::Unavailable("users' log did not answer in time".into()).into())
+            })
+    }
+}
+
+fn closed() -> Status {
+    AggregatorError::Unavailable("the server is shutting down; retry".into()).into()
+}
+
+/// A page of users' log a subscriber holds until its client has read it; the janitor may take
+/// it back.
+#[derive(Debug)]
+struct HeldPage {
+    events: VecDeque<ProfileEvent>,
+    /// The page's place in all, and its place in its caller's share.
+    permit: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    last_read: Instant,
+    since: Instant,
 }
 
 /// The process's one relay of users' change log.
 #[derive(Debug)]
 pub(crate) struct Fanout {
-    tx: broadcast::Sender<Arc<ProfileEvent>>,
-    /// The sequence of the newest event broadcast (stored before it is sent); -1 before the
-    /// upstream has connected once.
-    published: AtomicI64,
+    ring: RwLock<Ring>,
+    /// The sequence of the newest event in the ring; -1 before the upstream has connected once.
+    head: watch::Sender<i64>,
     token: Arc<ServiceToken>,
     downstream: Arc<Downstreams>,
+    replays: Replays,
     drain: Drain,
-    /// The most subscribers at once.
-    max_subscribers: usize,
+    limits: WatchLimits,
+    slots: Arc<StreamSlots>,
+    pages: Arc<Semaphore>,
+    /// Each caller's share of the pages (entries dropped by the janitor when unused).
+    caller_pages: Mutex<std::collections::HashMap<[u8; 16], Arc<Semaphore>>>,
+    /// Profiles deleted lately (by [`key16`] of the id): an event of one, already taken from
+    /// the ring or read in a page before its deletion, is still sent erased.
+    deleted: Mutex<BoundedMap<[u8; 16], ()>>,
+    held: Mutex<Vec<Weak<Mutex<HeldPage>>>>,
 }
 
 fn profile_event(event: UserEvent) -> ProfileEvent {
@@ -171,37 +397,55 @@ async fn open_upstream(
 }
 
 impl Fanout {
-    /// Starts the upstream task; it runs until `drain` begins.
+    /// Starts the upstream task and the page janitor; they run until `drain` begins.
     pub(crate) fn start(
         downstream: Arc<Downstreams>,
+        replay_pool: Pool,
         token: Arc<ServiceToken>,
-        buffer: usize,
-        max_subscribers: usize,
+        limits: WatchLimits,
         drain: Drain,
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
-        let (tx, _) = broadcast::channel(buffer.max(1));
         let fanout = Arc::new(Self {
-            tx,
-            published: AtomicI64::new(-1),
+            ring: RwLock::new(Ring::default()),
+            head: watch::channel(-1).0,
+            replays: Replays {
+                pool: replay_pool,
+                reads: Arc::new(Semaphore::new(limits.page_reads.max(1))),
+                token: token.clone(),
+            },
             token,
             downstream,
             drain,
-            max_subscribers,
+            limits,
+            slots: StreamSlots::new("WatchProfiles", limits.max_subscribers, limits.per_caller),
+            pages: Arc::new(Semaphore::new(limits.catch_up_pages.max(1))),
+            caller_pages: Mutex::default(),
+            deleted: Mutex::new(BoundedMap::new(DELETED_KEPT, Duration::from_secs(3600))),
+            held: Mutex::new(Vec::new()),
         });
-        let task = tokio::spawn(fanout.clone().upstream());
+        let task = tokio::spawn({
+            let fanout = fanout.clone();
+            async move {
+                tokio::join!(fanout.clone().upstream(), fanout.janitor());
+            }
+        });
         (fanout, task)
+    }
+
+    fn head(&self) -> i64 {
+        *self.head.borrow()
     }
 
     /// The one upstream subscription: connect, relay, reconnect from the last sequence seen.
     async fn upstream(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let after = Some(self.published.load(Ordering::SeqCst)).filter(|p| *p >= 0);
+            let after = Some(self.head()).filter(|p| *p >= 0);
             let opened = tokio::select! {
                 () = self.drain.draining() => return,
                 opened = async {
                     let token = self.token.get().await?;
-                    open_upstream(&self.downstream, &token, after).await
+                    open_upstream(&self.downstream, token.expose_secret(), after).await
                 } => opened,
             };
             let mut stream = match opened {
@@ -209,7 +453,8 @@ impl Fanout {
                     if after.is_none()
                         && let Some(head) = head
                     {
-                        self.published.store(head, Ordering::SeqCst);
+                        self.ring.write().unwrap_or_else(|e| e.into_inner()).floor = head;
+                        self.head.send_replace(head);
                     }
                     tracing::info!(?after, ?head, "upstream WatchUsers subscription open");
                     backoff = Duration::from_millis(100);
@@ -233,11 +478,28 @@ impl Fanout {
                 };
                 match next {
                     Some(Ok(event)) => {
-                        if event.sequence <= self.published.load(Ordering::SeqCst) {
+                        let sequence = event.sequence;
+                        if sequence <= self.head() {
                             continue;
                         }
-                        self.published.store(event.sequence, Ordering::SeqCst);
-                        let _ = self.tx.send(Arc::new(profile_event(event)));
+                        let event = profile_event(event);
+                        if event.kind() == ProfileEventKind::Deleted
+                            && let Some(profile) = &event.profile
+                        {
+                            self.deleted
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .get_or_insert_with(
+                                    key16(&[profile.user_id.as_bytes()]),
+                                    Instant::now(),
+                                    || (),
+                                );
+                        }
+                        self.ring
+                            .write()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(event, self.limits.ring);
+                        self.head.send_replace(sequence);
                     }
                     Some(Err(status)) => {
                         tracing::warn!(error = %status, "upstream WatchUsers ended; reconnecting");
@@ -252,53 +514,124 @@ impl Fanout {
         }
     }
 
-    /// The number of live subscribers.
-    pub(crate) fn subscribers(&self) -> usize {
-        self.tx.receiver_count()
+    /// Takes back pages their clients have not read for the idle time.
+    async fn janitor(self: Arc<Self>) {
+        let every = (self.limits.replay_idle / 4).max(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                () = self.drain.draining() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            held.retain(|page| {
+                let Some(page) = page.upgrade() else {
+                    return false;
+                };
+                let mut page = page.lock().unwrap_or_else(|e| e.into_inner());
+                if page.permit.is_none() {
+                    return false;
+                }
+                // Not read for the idle time, or held too long in all (a client reading one
+                // event now and then): taken back, read again if the client comes back.
+                if page.last_read.elapsed() >= self.limits.replay_idle
+                    || page.since.elapsed() >= self.limits.replay_idle * PAGE_HOLD_IDLES
+                {
+                    page.events = VecDeque::new();
+                    page.permit = None;
+                    return false;
+                }
+                true
+            });
+            drop(held);
+            // Forget the shares of callers holding no page.
+            let share = self.caller_page_share();
+            self.caller_pages
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|_, pages| pages.available_permits() < share);
+        }
     }
 
-    /// A subscriber's stream: from `after` (replayed from users' log first), else from the
-    /// live edge.
-    pub(crate) async fn subscribe(
+    /// Pages one caller may hold at once: an eighth of all of them (at least one).
+    fn caller_page_share(&self) -> usize {
+        (self.limits.catch_up_pages / 8).max(1)
+    }
+
+    /// A place for a page of `caller`: one of all the pages and one of the caller's share,
+    /// waiting at most [`PAGE_WAIT`].
+    async fn page_place(
         &self,
+        caller: [u8; 16],
+    ) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let share = self.caller_page_share();
+        let own = self
+            .caller_pages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(caller)
+            .or_insert_with(|| Arc::new(Semaphore::new(share)))
+            .clone();
+        tokio::time::timeout(PAGE_WAIT, async {
+            let own = own.acquire_owned().await.ok()?;
+            let all = self.pages.clone().acquire_owned().await.ok()?;
+            Some((all, own))
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// The number of live subscribers.
+    pub(crate) fn subscribers(&self) -> usize {
+        self.slots.open()
+    }
+
+    /// A subscriber's stream for `caller` (a key of its identity): from `after` (older events
+    /// replayed first), else from the live edge.
+    pub(crate) async fn subscribe(
+        self: &Arc<Self>,
+        caller: [u8; 16],
         after: Option<i64>,
-    ) -> Result<BoxStream<ProfileEvent>, Status> {
+    ) -> Result<BoxStream<ProfileEvent>, AggregatorError> {
         if let Some(after) = after
             && after < 0
         {
-            return Err(Status::invalid_argument(format!(
+            return Err(AggregatorError::InvalidArgument(format!(
                 "after_sequence must not be negative (got {after})"
             )));
         }
-        if self.subscribers() >= self.max_subscribers {
-            return Err(Status::resource_exhausted(format!(
-                "this aggregator serves its maximum of {} WatchProfiles streams; retry later \
-                 or elsewhere",
-                self.max_subscribers
-            )));
+        let counted = self.slots.take(caller)?;
+        let head = self.head();
+        if head < 0 {
+            return Err(AggregatorError::Unavailable(
+                "the change feed is not connected to users yet; retry".into(),
+            ));
         }
-        let rx = self.tx.subscribe();
-        let published = self.published.load(Ordering::SeqCst);
-        let mut subscriber = Subscriber {
-            rx,
-            downstream: self.downstream.clone(),
-            token: self.token.clone(),
-            drain: self.drain.clone(),
-            position: after,
-            replay: None,
-            held: None,
-            done: false,
-        };
-        match after {
-            // Open the replay now, so a position beyond users' log is refused up front.
-            Some(after) => subscriber.open_replay(after).await?,
-            None if published < 0 => {
-                return Err(Status::unavailable(
-                    "the change feed is not connected to users yet; retry",
-                ));
+        let floor = self.ring.read().map_or(i64::MAX, |ring| ring.floor);
+        let (position, replay_until) = match after {
+            // Only users knows positions older than the ring or newer than the relay: ask it,
+            // so a position beyond its log (or before its retained start) is refused up front.
+            Some(after) if after < floor || after > head => {
+                self.replays
+                    .check(after)
+                    .await
+                    .map_err(AggregatorError::users)?;
+                (after, head)
             }
-            None => subscriber.position = Some(published),
-        }
+            Some(after) => (after, head),
+            None => (head, -1),
+        };
+        let subscriber = Subscriber {
+            caller,
+            fanout: self.clone(),
+            head: self.head.subscribe(),
+            position,
+            replay_until,
+            pending: VecDeque::new(),
+            page: None,
+            done: false,
+            _counted: counted,
+        };
         let events = futures_util::stream::unfold(subscriber, |mut s| async move {
             let item = s.next().await?;
             Some((item, s))
@@ -307,42 +640,65 @@ impl Fanout {
     }
 }
 
-/// One `WatchProfiles` stream's state.
+/// One `WatchProfiles` stream's state: a position, and what it is about to send.
 struct Subscriber {
-    rx: broadcast::Receiver<Arc<ProfileEvent>>,
-    downstream: Arc<Downstreams>,
-    token: Arc<ServiceToken>,
-    drain: Drain,
+    /// A key of the caller's identity (its share of catch-up pages).
+    caller: [u8; 16],
+    fanout: Arc<Fanout>,
+    head: watch::Receiver<i64>,
     /// The sequence of the last event sent (or the starting point).
-    position: Option<i64>,
-    /// Reading users' log directly, until it reaches the broadcast.
-    replay: Option<Streaming<UserEvent>>,
-    /// The oldest broadcast event not yet sent, taken out of the receiver while replaying.
-    held: Option<Arc<ProfileEvent>>,
+    position: i64,
+    /// Events through this sequence are a replay (the head when it subscribed with a position).
+    replay_until: i64,
+    /// Events taken from the ring, not yet sent.
+    pending: VecDeque<Arc<ProfileEvent>>,
+    /// A page read from users, not yet sent.
+    page: Option<Arc<Mutex<HeldPage>>>,
     done: bool,
+    _counted: Slot,
 }
 
 impl Subscriber {
-    async fn open_replay(&mut self, after: i64) -> Result<(), Status> {
-        let token = self.token.get().await?;
-        let (stream, _) = open_upstream(&self.downstream, &token, Some(after))
-            .await
-            .map_err(|s| relay("users", s))?;
-        self.replay = Some(stream);
-        self.held = None;
-        Ok(())
-    }
-
     fn shutting_down(&mut self) -> Status {
         self.done = true;
-        Status::unavailable(format!(
+        unavailable(format!(
             "the server is shutting down; resume with after_sequence = {}",
-            self.position.unwrap_or(0)
+            self.position
         ))
     }
 
-    fn is_new(&self, sequence: i64) -> bool {
-        self.position.is_none_or(|p| sequence > p)
+    /// `event` as this subscriber may see it: erased if its profile has been deleted — unless
+    /// it is that profile's DELETED event and this subscriber was live when it happened.
+    fn shown(&self, event: &ProfileEvent) -> ProfileEvent {
+        let Some(profile) = &event.profile else {
+            return event.clone();
+        };
+        let deleted = self
+            .fanout
+            .deleted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&key16(&[profile.user_id.as_bytes()]), Instant::now())
+            .is_some();
+        let live_deletion =
+            event.kind() == ProfileEventKind::Deleted && event.sequence > self.replay_until;
+        if deleted && !live_deletion {
+            erase(event)
+        } else {
+            event.clone()
+        }
+    }
+
+    fn failed(&mut self, status: Status) -> Status {
+        self.done = true;
+        if status.code() == Code::OutOfRange {
+            return status;
+        }
+        unavailable(format!(
+            "users' log is unavailable ({}); resume with after_sequence = {}",
+            status.code(),
+            self.position
+        ))
     }
 
     async fn next(&mut self) -> Option<Result<ProfileEvent, Status>> {
@@ -350,99 +706,174 @@ impl Subscriber {
             if self.done {
                 return None;
             }
-            if self.drain.is_draining() {
+            let drain = self.fanout.drain.clone();
+            if drain.is_draining() {
                 return Some(Err(self.shutting_down()));
             }
-            if let Some(replay) = self.replay.as_mut() {
-                // Note the oldest live event, if one has arrived.
-                if self.held.is_none() {
-                    match self.rx.try_recv() {
-                        Ok(event) => self.held = Some(event),
-                        Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
-                        Err(_) => {}
-                    }
-                }
-                if let Some(held) = &self.held {
-                    // Every event before the held one has been sent once the replay reached
-                    // it (or its predecessor, when sequences are consecutive): switch.
-                    if self.position.is_some_and(|p| p >= held.sequence - 1) {
-                        self.replay = None;
-                        continue;
-                    }
-                }
-                let next = tokio::select! {
-                    biased;
-                    () = self.drain.draining() => return Some(Err(self.shutting_down())),
-                    next = replay.next() => next,
-                    live = self.rx.recv(), if self.held.is_none() => {
-                        match live {
-                            Ok(event) => self.held = Some(event),
-                            Err(broadcast::error::RecvError::Lagged(_)) => {}
-                            Err(broadcast::error::RecvError::Closed) => {
-                                return Some(Err(self.shutting_down()));
-                            }
-                        }
-                        continue;
-                    }
-                };
-                match next {
-                    Some(Ok(event)) => {
-                        if !self.is_new(event.sequence) {
-                            continue;
-                        }
-                        self.position = Some(event.sequence);
-                        return Some(Ok(profile_event(event)));
-                    }
-                    Some(Err(status)) => {
-                        self.done = true;
-                        return Some(Err(Status::unavailable(format!(
-                            "users' log is unavailable ({}); resume with after_sequence = {}",
-                            status.code(),
-                            self.position.unwrap_or(0)
-                        ))));
-                    }
-                    None => {
-                        self.done = true;
-                        return Some(Err(Status::unavailable(format!(
-                            "users' log ended; resume with after_sequence = {}",
-                            self.position.unwrap_or(0)
-                        ))));
-                    }
-                }
-            }
-            if let Some(held) = self.held.take() {
-                if self.is_new(held.sequence) {
-                    self.position = Some(held.sequence);
-                    return Some(Ok(ProfileEvent::clone(&held)));
+            if let Some(event) = self.pending.pop_front() {
+                if event.sequence > self.position {
+                    self.position = event.sequence;
+                    return Some(Ok(self.shown(&event)));
                 }
                 continue;
             }
-            let received = tokio::select! {
-                biased;
-                () = self.drain.draining() => return Some(Err(self.shutting_down())),
-                received = self.rx.recv() => received,
-            };
-            match received {
-                Ok(event) => {
-                    if self.is_new(event.sequence) {
-                        self.position = Some(event.sequence);
-                        return Some(Ok(ProfileEvent::clone(&event)));
+            if let Some(page) = self.page.clone() {
+                let next = {
+                    let mut page = page.lock().unwrap_or_else(|e| e.into_inner());
+                    page.last_read = Instant::now();
+                    page.events.pop_front()
+                };
+                match next {
+                    Some(event) if event.sequence > self.position => {
+                        self.position = event.sequence;
+                        return Some(Ok(self.shown(&event)));
+                    }
+                    Some(_) => continue,
+                    // Read out, or taken back by the janitor: read on from the position.
+                    None => {
+                        self.page = None;
+                        continue;
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    let from = self.position.unwrap_or(0);
-                    tracing::debug!(missed, from, "subscriber fell behind; replaying from users");
-                    if let Err(status) = self.open_replay(from).await {
+            }
+            let head = *self.head.borrow_and_update();
+            if self.position >= head {
+                tokio::select! {
+                    biased;
+                    () = drain.draining() => return Some(Err(self.shutting_down())),
+                    changed = self.head.changed() => {
+                        if changed.is_err() {
+                            return Some(Err(self.shutting_down()));
+                        }
+                    }
+                }
+                continue;
+            }
+            let (from_ring, floor) = {
+                // A panic while the lock was held cannot leave the ring half-changed: read on.
+                let ring = self.fanout.ring.read().unwrap_or_else(|e| e.into_inner());
+                (
+                    ring.after(self.position, self.replay_until, RING_BATCH),
+                    ring.floor,
+                )
+            };
+            if let Some(events) = from_ring {
+                self.pending.extend(events);
+                continue;
+            }
+            // Older than the ring: a page of users' log, within the bound on held pages.
+            let permit = tokio::select! {
+                () = drain.draining() => return Some(Err(self.shutting_down())),
+                permit = self.fanout.page_place(self.caller) => match permit {
+                    Some(permit) => permit,
+                    None => {
                         self.done = true;
-                        return Some(Err(Status::unavailable(format!(
-                            "cannot catch up from users' log ({}); resume with \
-                             after_sequence = {from}",
-                            status.code()
+                        return Some(Err(unavailable(format!(
+                            "no catch-up capacity now; resume with after_sequence = {}",
+                            self.position
                         ))));
                     }
+                },
+            };
+            let read = tokio::select! {
+                () = drain.draining() => return Some(Err(self.shutting_down())),
+                read = self.fanout.replays.page(
+                    self.position,
+                    floor,
+                    self.fanout.limits.page_events,
+                ) => read,
+            };
+            match read {
+                Ok(events) if events.is_empty() => {
+                    // Nothing in users' log between here and the ring.
+                    self.position = self.position.max(floor);
                 }
-                Err(broadcast::error::RecvError::Closed) => return Some(Err(self.shutting_down())),
+                Ok(events) => {
+                    let page = Arc::new(Mutex::new(HeldPage {
+                        events: events.into(),
+                        permit: Some(permit),
+                        last_read: Instant::now(),
+                        since: Instant::now(),
+                    }));
+                    self.fanout
+                        .held
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(Arc::downgrade(&page));
+                    self.page = Some(page);
+                }
+                Err(status) => return Some(Err(self.failed(status))),
             }
         }
+    }
+}
+
+/// A retryable failure of a subscriber's stream, through the aggregator's one status table.
+fn unavailable(message: String) -> Status {
+    AggregatorError::Unavailable(message).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(sequence: i64, user: &str, kind: ProfileEventKind) -> ProfileEvent {
+        ProfileEvent {
+            sequence,
+            kind: kind.into(),
+            profile: Some(Profile {
+                user_id: user.into(),
+                display_name: format!("name {sequence}"),
+                bio: "bio".into(),
+                ..Profile::default()
+            }),
+            occur_time: None,
+        }
+    }
+
+    /// The ring keeps the newest events, knows its floor, and hands out what follows a
+    /// position; older positions are not its to serve.
+    #[test]
+    fn ring_serves_what_it_holds() {
+        let mut ring = Ring {
+            floor: 10,
+            ..Ring::default()
+        };
+        for sequence in [12, 13, 15, 16] {
+            ring.push(event(sequence, "u", ProfileEventKind::Updated), 3);
+        }
+        assert_eq!(ring.floor, 12, "the oldest went");
+        let seqs = |v: Option<Vec<Arc<ProfileEvent>>>| {
+            v.map(|v| v.iter().map(|e| e.sequence).collect::<Vec<_>>())
+        };
+        assert_eq!(seqs(ring.after(12, -1, 10)), Some(vec![13, 15, 16]));
+        assert_eq!(seqs(ring.after(14, -1, 10)), Some(vec![15, 16]));
+        assert_eq!(seqs(ring.after(15, -1, 1)), Some(vec![16]));
+        assert_eq!(seqs(ring.after(16, -1, 10)), Some(vec![]));
+        assert_eq!(seqs(ring.after(11, -1, 10)), None);
+    }
+
+    /// A deletion erases the profile's earlier events for everyone, and its own DELETED event
+    /// for replays only.
+    #[test]
+    fn deletion_erases_what_the_ring_holds() {
+        let mut ring = Ring::default();
+        ring.push(event(1, "gone", ProfileEventKind::Created), 10);
+        ring.push(event(2, "kept", ProfileEventKind::Created), 10);
+        ring.push(event(3, "gone", ProfileEventKind::Deleted), 10);
+        let names = |replay_until| {
+            ring.after(0, replay_until, 10)
+                .expect("in the ring")
+                .iter()
+                .map(|e| {
+                    e.profile
+                        .as_ref()
+                        .map(|p| p.display_name.clone())
+                        .unwrap_or_default()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(-1), ["", "name 2", "name 3"], "live");
+        assert_eq!(names(3), ["", "name 2", ""], "replayed");
     }
 }

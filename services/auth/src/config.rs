@@ -3,6 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use mesh_runtime::{ServerConfig, parse_duration};
+use secrecy::SecretString;
 
 use crate::clients::ServiceClientSpec;
 
@@ -23,8 +24,9 @@ pub struct Config {
 
     /// Database URL: `postgres://…` for PostgreSQL, `sqlite://…` for another SQLite file.
     /// Unset: the embedded SQLite file `<data-dir>/auth/auth.db`.
-    #[arg(long, env = "MESH_AUTH_DATABASE_URL")]
-    pub database_url: Option<String>,
+    #[arg(long, env = "MESH_AUTH_DATABASE_URL", hide_env_values = true,
+          value_parser = mesh_runtime::parse_secret)]
+    pub database_url: Option<SecretString>,
 
     /// Ed25519 PKCS#8 PEM private key files, oldest first (comma-separated in the environment).
     /// The last one signs new tokens; all are published in the JWKS, so rotating keys logs
@@ -37,11 +39,11 @@ pub struct Config {
     pub signing_keys: Vec<PathBuf>,
 
     /// The `iss` claim of issued tokens.
-    #[arg(long, env = "MESH_AUTH_ISSUER", default_value = "mesh-auth")]
+    #[arg(long, env = "MESH_AUTH_ISSUER", default_value = mesh_token::DEFAULT_ISSUER)]
     pub issuer: String,
 
     /// The `aud` claim of issued tokens.
-    #[arg(long, env = "MESH_AUTH_AUDIENCE", default_value = "mesh")]
+    #[arg(long, env = "MESH_AUTH_AUDIENCE", default_value = mesh_token::DEFAULT_AUDIENCE)]
     pub audience: String,
 
     /// Lifetime of access tokens, users' and services' alike.
@@ -64,19 +66,19 @@ pub struct Config {
     pub server: ServerConfig,
 }
 
+impl Default for Config {
+    fn default() -> Self {
+        mesh_runtime::cli::defaults()
+    }
+}
+
 impl Config {
     /// The defaults, listening on `listen` and keeping state under `data_dir`.
     pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
         Self {
             listen,
             data_dir,
-            database_url: None,
-            signing_keys: Vec::new(),
-            issuer: "mesh-auth".to_owned(),
-            audience: "mesh".to_owned(),
-            access_token_ttl: Duration::from_secs(15 * 60),
-            service_clients: Vec::new(),
-            server: ServerConfig::default(),
+            ..Self::default()
         }
     }
 }

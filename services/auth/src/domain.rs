@@ -2,9 +2,8 @@
 //! login throttling. Plain Rust, no gRPC types.
 
 use std::{
-    collections::HashMap,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use argon2::{
@@ -12,6 +11,7 @@ use argon2::{
     password_hash::SaltString,
 };
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+use mesh_runtime::bounded::{BoundedMap, key16};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::Semaphore;
 
@@ -93,8 +93,9 @@ pub(crate) struct PasswordHasher {
     queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// OWASP's minimum for Argon2id: 19 MiB, 2 iterations, 1 lane.
-pub(crate) fn argon2_params() -> Params {
+/// The Argon2id parameters of stored passwords: OWASP's minimum, 19 MiB, 2 iterations, 1
+/// lane.
+pub fn argon2_params() -> Params {
     // These constants are valid Argon2 parameters.
     Params::new(19 * 1024, 2, 1, None).unwrap_or_default()
 }
@@ -252,55 +253,143 @@ pub(crate) fn refresh_hash(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
 }
 
-/// Counts failed logins per key (an e-mail, or a peer address) in a sliding window.
+/// The key of one account in the failure throttle: the first 16 bytes of the SHA-256 of its
+/// normalised e-mail (any input, valid or not, after its length was checked). Fixed-size, so a
+/// flood of long made-up addresses costs no more than short ones.
+pub(crate) fn account_key(raw_email: &str) -> [u8; 16] {
+    key16(&[b"account", Email::throttle_key(raw_email).as_bytes()])
+}
+
+/// Failures and attempts in progress of one key, in the window that began with its entry.
+#[derive(Debug, Default, Clone, Copy)]
+struct Count {
+    failures: u32,
+    pending: u32,
+}
+
+/// Counts failed password checks per account in a fixed window (from the first attempt), and
+/// reserves each attempt before its Argon2id check, so that concurrent attempts cannot race past
+/// the limit: an attempt is refused while failures plus attempts in progress reach it.
+///
+/// The table is a [`BoundedMap`]: at most [`THROTTLE_ENTRIES`] accounts, forgotten with their
+/// window, the oldest first when full.
 #[derive(Debug)]
 pub(crate) struct Throttle {
     limit: u32,
     window: Duration,
-    entries: Mutex<HashMap<String, (Instant, u32)>>,
+    entries: Mutex<BoundedMap<[u8; 16], Count>>,
 }
 
-/// Entries kept before expired ones are swept, so hostile keys cannot grow memory without end.
-const THROTTLE_SWEEP_AT: usize = 100_000;
+/// Accounts with failures the throttle remembers at most (at most 14 MiB; see
+/// [`BoundedMap::bytes_bound`]): the oldest is forgotten first. An entry stays only while it
+/// has failures (or an attempt in progress).
+pub(crate) const THROTTLE_ENTRIES: usize = 100_000;
+
+/// One reserved attempt; settle it with its outcome. Dropped unsettled (the caller went away
+/// mid-check), it counts as a failure.
+#[derive(Debug)]
+pub(crate) struct Attempt {
+    throttle: Arc<Throttle>,
+    key: [u8; 16],
+    settled: bool,
+}
+
+impl Attempt {
+    /// The check succeeded: the key's failures are forgotten.
+    pub(crate) fn succeeded(mut self) {
+        self.settled = true;
+        self.throttle.settle(&self.key, true);
+    }
+
+    /// The check failed: one more failure.
+    pub(crate) fn failed(mut self) {
+        self.settled = true;
+        self.throttle.settle(&self.key, false);
+    }
+
+    /// The check could not be made (storage or hashing failed): neither success nor failure.
+    pub(crate) fn abandoned(mut self) {
+        self.settled = true;
+        self.throttle.release(&self.key);
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.throttle.settle(&self.key, false);
+        }
+    }
+}
 
 impl Throttle {
     pub(crate) fn new(limit: u32, window: Duration) -> Self {
+        Self::with_capacity(limit, window, THROTTLE_ENTRIES)
+    }
+
+    pub(crate) fn with_capacity(limit: u32, window: Duration, capacity: usize) -> Self {
         Self {
             limit,
             window,
-            entries: Mutex::default(),
+            entries: Mutex::new(BoundedMap::new(capacity, window)),
         }
     }
 
-    /// `Err(retry_after)` if `key` has reached the limit within the window.
-    pub(crate) fn check(&self, key: &str, now: Instant) -> Result<(), Duration> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        match entries.get(key) {
-            Some((start, count)) if *count >= self.limit && now < *start + self.window => {
-                Err(*start + self.window - now)
-            }
-            _ => Ok(()),
+    fn lock(&self) -> std::sync::MutexGuard<'_, BoundedMap<[u8; 16], Count>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reserves an attempt for `key`: `Err(retry_after)` if its failures and attempts in
+    /// progress have reached the limit within the window.
+    pub(crate) fn reserve(self: &Arc<Self>, key: [u8; 16]) -> Result<Attempt, Duration> {
+        let now = tokio::time::Instant::now();
+        let mut entries = self.lock();
+        let limit = self.limit;
+        let count = entries.get_or_insert_with(key, now, Count::default);
+        if count.failures + count.pending >= limit {
+            let age = entries.age(&key, now).unwrap_or_default();
+            return Err(self.window.saturating_sub(age).max(Duration::from_secs(1)));
+        }
+        count.pending += 1;
+        Ok(Attempt {
+            throttle: self.clone(),
+            key,
+            settled: false,
+        })
+    }
+
+    fn release(&self, key: &[u8; 16]) {
+        let now = tokio::time::Instant::now();
+        let mut entries = self.lock();
+        let empty = entries.get_mut(key, now).is_some_and(|count| {
+            count.pending = count.pending.saturating_sub(1);
+            count.pending == 0 && count.failures == 0
+        });
+        if empty {
+            // Nothing to remember: do not let it push an account with failures out.
+            entries.remove(key);
         }
     }
 
-    /// Records a failure for `key`.
-    pub(crate) fn fail(&self, key: &str, now: Instant) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= THROTTLE_SWEEP_AT {
-            let window = self.window;
-            entries.retain(|_, (start, _)| now < *start + window);
+    fn settle(&self, key: &[u8; 16], success: bool) {
+        let now = tokio::time::Instant::now();
+        let mut entries = self.lock();
+        if success {
+            entries.remove(key);
+            return;
         }
-        let entry = entries.entry(key.to_owned()).or_insert((now, 0));
-        if now >= entry.0 + self.window {
-            *entry = (now, 0);
-        }
-        entry.1 += 1;
+        let count = entries.get_or_insert_with(*key, now, Count::default);
+        count.pending = count.pending.saturating_sub(1);
+        count.failures += 1;
     }
 
-    /// Forgets `key`'s failures (after a successful login).
-    pub(crate) fn clear(&self, key: &str) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.remove(key);
+    /// Whether an attempt for `key` would be refused now.
+    #[cfg(test)]
+    fn blocked(&self, key: [u8; 16]) -> bool {
+        let now = tokio::time::Instant::now();
+        self.lock()
+            .get_mut(&key, now)
+            .is_some_and(|count| count.failures + count.pending >= self.limit)
     }
 }
 
@@ -347,22 +436,51 @@ mod tests {
         assert!(check_password(&"x".repeat(1025)).is_err());
     }
 
-    /// Five failures within the window block; the window passing or a clear unblocks.
-    #[test]
-    fn throttle_window() {
-        let t = Throttle::new(5, Duration::from_secs(900));
-        let start = Instant::now();
+    /// Five failures within the window block; the window passing or a success unblocks.
+    #[tokio::test(start_paused = true)]
+    async fn throttle_window() {
+        let t = Arc::new(Throttle::new(5, Duration::from_secs(900)));
+        let k = account_key("ada@example.com");
         for _ in 0..4 {
-            t.fail("k", start);
+            t.reserve(k).expect("under the limit").failed();
         }
-        assert!(t.check("k", start).is_ok());
-        t.fail("k", start);
-        let retry = t.check("k", start + Duration::from_secs(60)).unwrap_err();
-        assert_eq!(retry, Duration::from_secs(840));
-        assert!(t.check("k", start + Duration::from_secs(900)).is_ok());
-        assert!(t.check("other", start).is_ok());
-        t.clear("k");
-        assert!(t.check("k", start).is_ok());
+        assert!(!t.blocked(k));
+        t.reserve(k).expect("fifth").failed();
+        assert!(t.blocked(k), "five failures block");
+        assert!(!t.blocked(account_key("other@example.com")));
+        tokio::time::advance(Duration::from_secs(900)).await;
+        assert!(!t.blocked(k), "the window passed");
+        t.reserve(k).expect("again").failed();
+        t.reserve(k).expect("and again").succeeded();
+        for _ in 0..4 {
+            t.reserve(k).expect("cleared by the success").failed();
+        }
+        assert!(!t.blocked(k));
+    }
+
+    /// Attempts in progress count: forty at once for one account get five checks, and an
+    /// attempt dropped mid-check counts as a failure.
+    #[tokio::test(start_paused = true)]
+    async fn throttle_reserves_before_the_check() {
+        let t = Arc::new(Throttle::new(5, Duration::from_secs(900)));
+        let k = account_key("  ADA@example.com ");
+        assert_eq!(
+            k,
+            account_key("ada@example.com"),
+            "normalised before hashing"
+        );
+        let attempts: Vec<_> = (0..40).filter_map(|_| t.reserve(k).ok()).collect();
+        assert_eq!(attempts.len(), 5);
+        drop(attempts);
+        assert!(t.blocked(k), "dropped attempts are failures");
+    }
+
+    /// The throttle's table is bounded in bytes whatever keys it sees: the figure the docs state.
+    #[test]
+    fn throttle_memory_is_fixed() {
+        let t = Throttle::new(5, Duration::from_secs(900));
+        let bound = t.lock().bytes_bound();
+        assert!(bound <= 14 * 1024 * 1024, "{bound} bytes");
     }
 
     /// Refresh tokens carry 256 random bits and only their digest is kept.

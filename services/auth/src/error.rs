@@ -24,6 +24,9 @@ pub(crate) enum AuthError {
     /// Too many failed logins: retry after the given time.
     #[error("too many failed logins")]
     Throttled(Duration),
+    /// A bound of the server is reached (e.g. followers of a stream).
+    #[error("{0}")]
+    Exhausted(&'static str),
     /// The database is unreachable: retryable.
     #[error("storage unavailable")]
     Store(#[from] StoreError),
@@ -39,21 +42,19 @@ impl From<AuthError> for Status {
             AuthError::BadCredentials => Status::unauthenticated("invalid email or password"),
             AuthError::BadToken => Status::unauthenticated("missing or invalid access token"),
             AuthError::PermissionDenied(why) => Status::permission_denied(why),
-            AuthError::Throttled(retry_after) => {
-                let seconds = retry_after.as_secs().max(1);
-                let mut status = Status::resource_exhausted(format!(
-                    "too many failed logins for this account; retry in {seconds} s"
-                ));
-                if let Ok(value) = seconds.to_string().parse() {
-                    status.metadata_mut().insert("retry-after", value);
-                }
-                status
-            }
+            AuthError::Throttled(retry_after) => mesh_proto::headers::resource_exhausted(
+                format!(
+                    "too many failed password checks for this account; retry in {} s",
+                    mesh_proto::headers::retry_seconds(retry_after)
+                ),
+                Some(retry_after),
+            ),
+            AuthError::Exhausted(why) => Status::resource_exhausted(why),
             AuthError::Store(StoreError::EmailTaken) => {
                 Status::already_exists("an account with this email already exists")
             }
             AuthError::Store(err) => {
-                tracing::error!(error = %mesh_runtime::cli::error_chain(&err), "storage failure");
+                tracing::error!(error = %mesh_telemetry::error_chain(&err), "storage failure");
                 Status::unavailable("storage unavailable; retry")
             }
             AuthError::Internal(detail) => {

@@ -13,6 +13,7 @@ mod clients;
 mod config;
 mod domain;
 mod error;
+mod revocations;
 mod server;
 pub mod store;
 mod tokens;
@@ -21,11 +22,19 @@ use std::future::Future;
 
 use mesh_runtime::{Lifecycle, ServeError, ServiceSpec};
 use mesh_token::{KeyError, KeyRing};
+use secrecy::ExposeSecret as _;
 use tokio::net::TcpListener;
 
 pub use clients::ServiceClientSpec;
 pub use config::{Config, DEFAULT_LISTEN};
-pub use server::AuthServer;
+pub use domain::argon2_params;
+pub use server::{AuthServer, MAX_REVOCATION_FOLLOWERS, MAX_SESSIONS_PER_ACCOUNT, REQUEST_LIMITS};
+
+/// How often expired sessions and revocations are pruned.
+pub const PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a revoked session is kept (for reuse detection and the log) before it is pruned;
+/// its revocation is published on its own until its tokens have expired.
+pub const REVOKED_SESSION_KEEP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// Why the auth service could not run.
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +93,16 @@ pub async fn serve(
         config.access_token_ttl,
     )?;
     let clients = clients::ServiceClients::new(config.service_clients.clone());
-    let store = store::open(config.database_url.as_deref(), &config.data_dir).await?;
+    let store = store::open(
+        config.database_url.as_ref().map(|url| url.expose_secret()),
+        &config.data_dir,
+    )
+    .await?;
+    let (revocations, revocation_task) = revocations::RevocationFeed::start(
+        store.clone(),
+        store.last_revocation().await?,
+        lifecycle.drain().clone(),
+    );
     let parallelism = std::thread::available_parallelism().map_or(1, usize::from);
     let hasher = domain::PasswordHasher::new(parallelism)
         .await
@@ -96,8 +114,9 @@ pub async fn serve(
         "{operation}",
         move || i64::try_from(queue.queued()).unwrap_or(i64::MAX),
     );
-    let service =
-        AuthServer::new(issuer, clients, store.clone(), hasher).into_service(&config.server);
+    let service = AuthServer::new(issuer, clients, store.clone(), hasher, revocations)
+        .into_service(&config.server);
+    let pruning = tokio::spawn(prune(store.clone()));
     // Ready once the keys are loaded and the database is migrated, and while it answers.
     // The database was just migrated: ready now, then as the checks find it.
     lifecycle.health().set_ready(true);
@@ -108,10 +127,38 @@ pub async fn serve(
             async move { store.ping().await }
         })
     });
-    let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::AUTH);
+    let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::AUTH)
+        .long_lived(&["WatchRevocations"])
+        .request_limits(REQUEST_LIMITS);
     let served = mesh_runtime::serve(listener, spec, &lifecycle, &config.server, shutdown).await;
     database.abort();
+    pruning.abort();
+    revocation_task.abort();
     Ok(served?)
+}
+
+/// Removes expired sessions (with their used refresh tokens), sessions revoked more than
+/// [`REVOKED_SESSION_KEEP`] ago and revocations whose tokens have all expired, every
+/// [`PRUNE_INTERVAL`]: nothing an account does grows the tables for ever.
+async fn prune(store: std::sync::Arc<dyn store::AuthStore>) {
+    let keep = i64::try_from(REVOKED_SESSION_KEEP.as_millis()).unwrap_or(i64::MAX);
+    loop {
+        let now = mesh_proto::time::unix_now_ms();
+        match store.prune(now, now.saturating_sub(keep)).await {
+            Ok(pruned) if pruned != store::Pruned::default() => {
+                tracing::info!(
+                    sessions = pruned.sessions,
+                    revocations = pruned.revocations,
+                    "pruned"
+                );
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::warn!(error = %mesh_telemetry::error_chain(&err), "cannot prune");
+            }
+        }
+        tokio::time::sleep(PRUNE_INTERVAL).await;
+    }
 }
 
 /// Binds `config.listen` and serves until SIGTERM or SIGINT.
@@ -123,41 +170,4 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let served = serve(&config, listener, mesh_runtime::shutdown_signal()).await;
     telemetry.shutdown().await;
     served
-}
-
-/// Measures the raw Argon2id verification rate (verifications per second) of this machine at
-/// the service's parameters, with `threads` threads for `duration`: the ceiling the login
-/// throughput of `mesh bench login` is compared with. Blocks the calling thread.
-pub fn raw_verify_rate(threads: usize, duration: std::time::Duration) -> f64 {
-    use argon2::{
-        Algorithm, Argon2, PasswordHash, PasswordHasher as _, PasswordVerifier as _, Version,
-    };
-    let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, domain::argon2_params());
-    let phc = match argon2::password_hash::SaltString::encode_b64(b"benchmark-salt!!") {
-        Ok(salt) => argon2
-            .hash_password(b"benchmark password", &salt)
-            .map(|h| h.to_string())
-            .unwrap_or_default(),
-        Err(_) => String::new(),
-    };
-    let start = std::time::Instant::now();
-    let counts: Vec<u64> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads.max(1))
-            .map(|_| {
-                let (argon2, phc) = (argon2.clone(), phc.as_str());
-                scope.spawn(move || {
-                    let mut n = 0u64;
-                    while start.elapsed() < duration {
-                        if let Ok(parsed) = PasswordHash::new(phc) {
-                            let _ = argon2.verify_password(b"benchmark password", &parsed);
-                        }
-                        n += 1;
-                    }
-                    n
-                })
-            })
-            .collect();
-        workers.into_iter().map(|w| w.join().unwrap_or(0)).collect()
-    });
-    counts.iter().sum::<u64>() as f64 / start.elapsed().as_secs_f64()
 }

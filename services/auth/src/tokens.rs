@@ -1,6 +1,6 @@
 //! Issuing access tokens: claims, lifetimes and the signing key ring.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use mesh_token::{Claims, Jwks, KeyError, KeyRing, SERVICE_SUBJECT_PREFIX, TokenError, Verifier};
 
@@ -21,12 +21,7 @@ pub(crate) struct TokenIssuer {
     ttl: Duration,
 }
 
-pub(crate) fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub(crate) use mesh_proto::time::unix_now;
 
 impl TokenIssuer {
     pub(crate) fn new(
@@ -35,7 +30,14 @@ impl TokenIssuer {
         audience: String,
         ttl: Duration,
     ) -> Result<Self, KeyError> {
-        let verifier = Verifier::new(&keys.jwks(), issuer.clone(), audience.clone(), 30)?;
+        // auth issues every token with exactly `ttl`: none it accepts may live longer.
+        let verifier = Verifier::new(
+            &keys.jwks(),
+            issuer.clone(),
+            audience.clone(),
+            mesh_token::DEFAULT_LEEWAY_SECS,
+        )?
+        .with_max_lifetime(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
         Ok(Self {
             keys,
             verifier,
@@ -105,5 +107,10 @@ impl TokenIssuer {
     /// The public keys of every signing key.
     pub(crate) fn jwks(&self) -> Jwks {
         self.keys.jwks()
+    }
+
+    /// How long access tokens live.
+    pub(crate) fn ttl(&self) -> Duration {
+        self.ttl
     }
 }

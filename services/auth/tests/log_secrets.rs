@@ -1,18 +1,21 @@
 //! Nothing secret reaches the logs: the full log output (every target, TRACE) of a
 //! register/login/refresh/validate/logout/delete run holds no password, token or hash.
-
-mod common;
+//!
+//! A test binary of its own, not a module of `tests/auth`: it installs the process's global
+//! tracing subscriber (once per process, at TRACE, for every thread, as auth's blocking pool and
+//! SQLite's threads log too), which in a shared binary would also capture — and slow down — every
+//! other test running beside it.
 
 use std::{
     io::Write,
     sync::{Arc, Mutex},
 };
 
-use common::{Backend, bearer, client, config, register, start};
 use mesh_proto::auth::v1::{
     DeleteAccountRequest, IssueServiceTokenRequest, LoginRequest, LogoutRequest, RefreshRequest,
     ValidateTokenRequest,
 };
+use mesh_testkit::{TestMesh, bearer};
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -39,10 +42,16 @@ async fn logs_hold_no_secrets() {
         .init();
 
     let password = "Secret-Password-123";
-    let data = tempfile::tempdir().expect("tempdir");
-    let server = start(config(&Backend::Sqlite, data.path())).await;
-    let mut c = client(&server);
-    let (_, first) = register(&mut c, "sec@example.com", password).await;
+    let mesh = TestMesh::builder()
+        .auth_config(|config| {
+            config
+                .service_clients
+                .push("svc=plain:svc-secret".parse().expect("client"));
+        })
+        .start()
+        .await;
+    let mut c = mesh.auth_client();
+    let (_, first) = mesh.register("sec@example.com", password).await;
     let login = c
         .login(LoginRequest {
             email: "sec@example.com".into(),
@@ -92,7 +101,7 @@ async fn logs_hold_no_secrets() {
     })
     .await
     .expect("logout");
-    let (_, other) = register(&mut c, "sec2@example.com", password).await;
+    let (_, other) = mesh.register("sec2@example.com", password).await;
     c.delete_account(bearer(
         &other.access_token,
         DeleteAccountRequest {
@@ -101,7 +110,7 @@ async fn logs_hold_no_secrets() {
     ))
     .await
     .expect("delete");
-    server.shutdown().await.expect("clean shutdown");
+    mesh.stop().await;
 
     let logs = String::from_utf8_lossy(&capture.0.lock().expect("lock")).into_owned();
     assert!(logs.contains("logged in"), "the capture works: {logs}");

@@ -5,11 +5,14 @@
 //! them with `--concurrency` callers over `--connections` HTTP/2 connections for `--duration`
 //! after a `--warmup`; records every latency in HDR histograms; and measures the `echo`
 //! baseline the same way in the same run. It prints a table and writes
-//! `<results>/<scenario>.json`, `.md` and `.svg` (latency by percentile).
+//! `<results>/<scenario>.json`, `.md` and `.svg` (latency by percentile). The servers,
+//! processes, tokens and certificates are the test kit's (`mesh-testkit`), with the bench's own
+//! server settings.
 //!
 //! Scenarios: `echo`, `get-user`, `get-me`, `get-me-delay`, `get-profiles`, `watch`, `login`,
-//! `overload`, `tracing` and `users`; `docs/benchmarks.md` shows a run of each.
+//! `overload`, `tracing`, `users` and `abuse`; `docs/benchmarks.md` shows a run of each.
 
+mod abuse;
 mod aggregator;
 mod echo;
 mod fixtures;
@@ -82,6 +85,11 @@ pub(crate) struct BenchArgs {
     /// `overload`: the server's concurrency limit (loaded at 1×, 2× and 5× it).
     #[arg(long, default_value_t = 8)]
     limit: usize,
+    /// `get-me`: also measure GetMe with TLS everywhere (mutual between the services) beside
+    /// plaintext in the same run, and new TLS connections per second against new plaintext
+    /// ones.
+    #[arg(long)]
+    tls: bool,
     /// Folder for the results.
     #[arg(long, env = "MESH_BENCH_RESULTS", default_value = "bench-results")]
     results: PathBuf,
@@ -114,6 +122,10 @@ enum Scenario {
     Tracing,
     /// users in depth: GetUser at 1/16/64 callers, BatchGetUsers, UpdateUser, WatchUsers delay.
     Users,
+    /// Every attack class of the abuse suite against a real mesh, for `--duration` each, while
+    /// a well-behaved client calls Login and GetMe: its success rate and p99 against no attack,
+    /// and each process's peak RSS.
+    Abuse,
     /// A bare echo server in this process until killed (used by `watch`).
     #[value(hide = true)]
     EchoServer,
@@ -132,6 +144,7 @@ impl Scenario {
             Self::Overload => "overload",
             Self::Tracing => "tracing",
             Self::Users => "users",
+            Self::Abuse => "abuse",
             Self::EchoServer => "echo-server",
         }
     }
@@ -170,6 +183,7 @@ pub(crate) struct Settings {
     streams_per_connection: usize,
     events: usize,
     limit: usize,
+    tls: bool,
 }
 
 impl Settings {
@@ -181,6 +195,7 @@ impl Settings {
         map.insert("duration_s".into(), self.duration.as_secs_f64().into());
         map.insert("warmup_s".into(), self.warmup.as_secs_f64().into());
         map.insert("payload_bytes".into(), self.payload.into());
+        map.insert("tls".into(), self.tls.into());
         map.insert(
             "database".into(),
             if self.database_url.is_some() {
@@ -237,13 +252,27 @@ async fn channels(addr: SocketAddr, n: usize) -> Result<Vec<Channel>, BenchError
     Ok(list)
 }
 
-/// The resident set size of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+/// `n` HTTP/2 connections to `addr`, over TLS (verified with the run's CA, presenting its
+/// client certificate) when `tls` is given.
+async fn any_channels(
+    addr: SocketAddr,
+    n: usize,
+    tls: Option<&mesh_testkit::TestPki>,
+) -> Result<Vec<Channel>, BenchError> {
+    let Some(pki) = tls else {
+        return channels(addr, n).await;
+    };
+    let client = pki.mesh_client();
+    let mut list = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        let channel = mesh_runtime::client::endpoint(fixtures::url(addr, tls)?, &client)
+            .map_err(|e| BenchError::Setup(e.to_string()))?
+            .connect()
+            .await
+            .map_err(|e| BenchError::Setup(format!("connect to {addr} over TLS: {e}")))?;
+        list.push(channel);
+    }
+    Ok(list)
 }
 
 /// Health-check latencies, one probe every 20 ms, until `stop` fires.
@@ -295,6 +324,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), BenchError> {
         streams_per_connection: args.streams_per_connection.max(1),
         events: args.events.max(1),
         limit: args.limit.max(1),
+        tls: args.tls,
     };
     let servers = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.server_threads)
@@ -320,6 +350,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), BenchError> {
         Scenario::Overload => overload::overload(&settings).await,
         Scenario::Tracing => tracing::tracing(&settings).await,
         Scenario::Users => users::users(&settings).await,
+        Scenario::Abuse => abuse::abuse(&settings).await,
         Scenario::EchoServer => Ok(Outcome::default()),
     };
     servers.shutdown_background();
@@ -363,5 +394,5 @@ async fn echo_server(listen: Option<SocketAddr>) -> Result<(), BenchError> {
         .map_err(|e| BenchError::Setup(format!("bind {addr}: {e}")))?;
     echo::serve(listener, std::future::pending())
         .await
-        .map_err(BenchError::Setup)
+        .map_err(|e| BenchError::Setup(e.to_string()))
 }

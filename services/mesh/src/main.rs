@@ -7,8 +7,15 @@
 //!
 //! Every flag has an environment-variable fallback; `--help` shows both.
 
+#[cfg(feature = "bench")]
 mod bench;
 mod up;
+
+/// jemalloc gives memory back to the system once a burst is over (its background thread
+/// purges unused pages after a decay time); glibc's allocator kept most of a flood's peak for
+/// the life of the process.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use std::process::ExitCode;
 
@@ -36,6 +43,7 @@ enum Command {
     /// Run the aggregator (the public facade).
     Aggregator(mesh_aggregator::Config),
     /// Measure the mesh on this machine (build with --release).
+    #[cfg(feature = "bench")]
     Bench(bench::BenchArgs),
 }
 
@@ -44,9 +52,19 @@ fn main() -> ExitCode {
     mesh_telemetry::init(cli.log.log_format);
     match cli.command {
         Command::Up(args) => block_on(up::run(args, cli.log.log_format)),
-        Command::Auth(config) => block_on(mesh_auth::run(config)),
-        Command::Users(config) => block_on(mesh_users::run(config)),
-        Command::Aggregator(config) => block_on(mesh_aggregator::run(config)),
+        Command::Auth(config) => {
+            up::die_with_supervisor();
+            block_on(mesh_auth::run(config))
+        }
+        Command::Users(config) => {
+            up::die_with_supervisor();
+            block_on(mesh_users::run(config))
+        }
+        Command::Aggregator(config) => {
+            up::die_with_supervisor();
+            block_on(mesh_aggregator::run(config))
+        }
+        #[cfg(feature = "bench")]
         Command::Bench(args) => block_on(bench::run(args)),
     }
 }

@@ -13,7 +13,15 @@ use std::{
     time::Duration,
 };
 
-use mesh_runtime::ServerConfig;
+use std::path::{Path, PathBuf};
+
+use mesh_runtime::{
+    ClientTlsConfig, ServerConfig,
+    tls::{
+        ClientTls,
+        dev::{DevCa, DevFiles},
+    },
+};
 use mesh_telemetry::LogFormat;
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::{
@@ -23,6 +31,36 @@ use tokio::{
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
+
+/// Set by `mesh up` on each service it starts: its own process id. A service that finds it
+/// asks the kernel to send it SIGTERM when `mesh up` dies, however it dies (SIGKILL, a crash,
+/// a closed terminal), so no service outlives its launcher holding ports and files.
+pub(crate) const SUPERVISOR_ENV: &str = "MESH_SUPERVISOR_PID";
+
+/// In a service started by `mesh up`: drain and exit when `mesh up` dies (Linux's
+/// parent-death signal; the process that started us is `mesh up`'s main thread, which lives as
+/// long as it does). If it is already gone, exits at once.
+pub(crate) fn die_with_supervisor() {
+    let Some(supervisor) = std::env::var(SUPERVISOR_ENV)
+        .ok()
+        .and_then(|pid| pid.parse::<i32>().ok())
+    else {
+        return;
+    };
+    #[cfg(target_os = "linux")]
+    {
+        if let Err(err) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {
+            tracing::warn!(error = %err, "cannot ask to be stopped with mesh up");
+        }
+        // It may have died between starting us and the call above.
+        if nix::unistd::getppid().as_raw() != supervisor {
+            tracing::error!("mesh up, which started this service, is gone: exiting");
+            std::process::exit(1);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = supervisor;
+}
 
 /// Flags of `mesh up`.
 #[derive(Debug, Clone, clap::Args)]
@@ -49,9 +87,66 @@ pub(crate) struct UpArgs {
           value_parser = mesh_runtime::parse_duration)]
     ready_timeout: Duration,
 
+    /// Serve TLS: make a development CA and a certificate per service in `<data-dir>/tls`
+    /// (new each run), run auth and users with mutual TLS (each requires a certificate from
+    /// that CA, and users and the aggregator present theirs) and the facade with TLS.
+    #[arg(long, env = "MESH_UP_TLS")]
+    tls: bool,
+
     /// Settings passed to every service.
     #[command(flatten)]
     server: ServerConfig,
+}
+
+/// The development certificates of one `mesh up --tls` run.
+struct DevPki {
+    ca: PathBuf,
+    services: Vec<(&'static str, DevFiles)>,
+}
+
+impl DevPki {
+    fn make(dir: &Path) -> Result<Self, UpError> {
+        let ca = DevCa::new("mesh up development CA").map_err(UpError::Tls)?;
+        let ca_path = dir.join("ca.pem");
+        let mut services = Vec::new();
+        for name in ["auth", "users", "aggregator"] {
+            let pem = ca
+                .issue(&[name, "localhost", "127.0.0.1", "::1"])
+                .map_err(UpError::Tls)?;
+            services.push((
+                name,
+                mesh_runtime::tls::dev::write(dir, name, &pem).map_err(UpError::Tls)?,
+            ));
+        }
+        std::fs::write(&ca_path, ca.cert_pem()).map_err(|source| {
+            UpError::Tls(mesh_runtime::tls::TlsError::Read {
+                path: ca_path.clone(),
+                source,
+            })
+        })?;
+        Ok(Self {
+            ca: ca_path,
+            services,
+        })
+    }
+
+    fn files(&self, name: &str) -> Option<&DevFiles> {
+        self.services
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, files)| files)
+    }
+
+    /// What `mesh up` itself presents when it checks the services' health.
+    fn client(&self) -> Result<ClientTls, UpError> {
+        let own = self.files("aggregator");
+        ClientTls::load(
+            Some(&self.ca),
+            own.map(|f| f.cert.as_path()),
+            own.map(|f| f.key.as_path()),
+        )
+        .map_err(UpError::Tls)
+    }
 }
 
 /// Why `mesh up` failed.
@@ -60,6 +155,12 @@ pub(crate) enum UpError {
     /// The path of the running executable is unknown, so the services cannot be started.
     #[error("cannot find the mesh executable")]
     CurrentExe(#[source] io::Error),
+    /// A setting that cannot be the same for all three services.
+    #[error("{0}")]
+    PerService(&'static str),
+    /// The development certificates could not be made or read.
+    #[error("TLS")]
+    Tls(#[source] mesh_runtime::tls::TlsError),
     /// No random secret could be made for the aggregator's service identity.
     #[error("cannot make a service-client secret: {0}")]
     Secret(String),
@@ -122,10 +223,33 @@ pub(crate) async fn run(args: UpArgs, log_format: LogFormat) -> Result<(), UpErr
         ("users", args.users_listen),
         ("aggregator", args.aggregator_listen),
     ];
+    // Each service gets its own certificate and probe port, or none: one value for all three
+    // cannot work.
+    let server = &args.server;
+    if server.tls_cert.is_some()
+        || server.tls_key.is_some()
+        || server.tls_client_ca.is_some()
+        || server.health_listen.is_some()
+    {
+        return Err(UpError::PerService(
+            "--tls-cert, --tls-key, --tls-client-ca and --health-listen (or their MESH_* \
+             variables) are per service; mesh up makes certificates with --tls",
+        ));
+    }
     let secret = RunSecret::generate()?;
+    let pki = if args.tls {
+        Some(DevPki::make(&args.data_dir.join("tls"))?)
+    } else {
+        None
+    };
+    let checker = pki
+        .as_ref()
+        .map(DevPki::client)
+        .transpose()?
+        .unwrap_or_default();
     let mut services = Vec::with_capacity(plan.len());
     for (name, addr) in plan {
-        match spawn(&exe, name, addr, &args, log_format, &secret) {
+        match spawn(&exe, name, addr, &args, log_format, &secret, pki.as_ref()) {
             Ok(service) => services.push(service),
             Err(err) => {
                 let _ = stop_all(&mut services, &args.server).await;
@@ -140,7 +264,7 @@ pub(crate) async fn run(args: UpArgs, log_format: LogFormat) -> Result<(), UpErr
     // Wait for every service to be ready, or for a signal, or for one to die.
     let ready = async {
         for service in services.iter_mut() {
-            wait_ready(service, args.ready_timeout).await?;
+            wait_ready(service, args.ready_timeout, &checker).await?;
         }
         Ok::<_, UpError>(())
     };
@@ -149,7 +273,7 @@ pub(crate) async fn run(args: UpArgs, log_format: LogFormat) -> Result<(), UpErr
         () = &mut shutdown => Ok(false),
     };
     match outcome {
-        Ok(true) => print_banner(&args),
+        Ok(true) => print_banner(&args, pki.as_ref()),
         Ok(false) => return stop_all(&mut services, &args.server).await,
         Err(err) => {
             let _ = stop_all(&mut services, &args.server).await;
@@ -212,39 +336,55 @@ fn spawn(
     args: &UpArgs,
     log_format: LogFormat,
     secret: &RunSecret,
+    pki: Option<&DevPki>,
 ) -> Result<Service, UpError> {
-    let server = &args.server;
+    let mut server = args.server.clone();
+    let mut client = ClientTlsConfig::default();
+    if let Some(files) = pki.and_then(|pki| pki.files(name)) {
+        server.tls_cert = Some(files.cert.clone());
+        server.tls_key = Some(files.key.clone());
+        // The facade takes clients without certificates; auth and users only the mesh's.
+        server.tls_client_ca = (name != "aggregator")
+            .then(|| pki.map(|p| p.ca.clone()))
+            .flatten();
+        if name != "auth" {
+            client = ClientTlsConfig {
+                tls_ca: pki.map(|p| p.ca.clone()),
+                tls_client_cert: Some(files.cert.clone()),
+                tls_client_key: Some(files.key.clone()),
+            };
+        }
+    }
+    let scheme = if pki.is_some() { "https" } else { "http" };
     let mut command = Command::new(exe);
     command
         .arg(name)
         .arg("--listen")
         .arg(addr.to_string())
-        .arg("--grace-period")
-        .arg(format!("{}ms", server.grace_period.as_millis()))
-        .arg("--max-request-bytes")
-        .arg(server.max_request_bytes.to_string())
-        .arg("--max-connection-age")
-        .arg(format!("{}ms", server.max_connection_age.as_millis()))
-        .arg("--max-connection-age-grace")
-        .arg(format!("{}ms", server.max_connection_age_grace.as_millis()))
-        .arg("--concurrency-limit")
-        .arg(server.concurrency_limit.to_string())
-        .arg("--max-concurrent-streams")
-        .arg(server.max_concurrent_streams.to_string())
-        .arg("--max-response-bytes")
-        .arg(server.max_response_bytes.to_string())
+        // Every shared server setting, as `mesh up` was given it.
+        .args(server.to_args())
+        .args(client.to_args())
         .arg("--log-format")
         .arg(log_format.to_string())
+        .env(SUPERVISOR_ENV, std::process::id().to_string())
+        // What mesh up sets for each service, or leaves unset, is not inherited.
+        .env_remove("MESH_TLS_CA")
+        .env_remove("MESH_TLS_CLIENT_CERT")
+        .env_remove("MESH_TLS_CLIENT_KEY")
         .stdin(Stdio::null())
         .kill_on_drop(true);
     if matches!(name, "auth" | "users") {
         command.arg("--data-dir").arg(&args.data_dir);
     }
     if matches!(name, "users" | "aggregator") {
-        command.arg("--auth-url").arg(url_of(args.auth_listen));
+        command
+            .arg("--auth-url")
+            .arg(url_of(scheme, args.auth_listen));
     }
     if name == "aggregator" {
-        command.arg("--users-url").arg(url_of(args.users_listen));
+        command
+            .arg("--users-url")
+            .arg(url_of(scheme, args.users_listen));
     }
     // The aggregator's service identity, made up for this run and passed in the environment
     // (command lines are visible to every local user): auth gets the secret's digest only.
@@ -277,7 +417,7 @@ fn spawn(
 }
 
 /// The URL that reaches a service listening on `addr` from this machine.
-fn url_of(addr: SocketAddr) -> String {
+fn url_of(scheme: &str, addr: SocketAddr) -> String {
     let mut addr = addr;
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() {
@@ -286,7 +426,7 @@ fn url_of(addr: SocketAddr) -> String {
             std::net::Ipv6Addr::LOCALHOST.into()
         });
     }
-    format!("http://{addr}")
+    format!("{scheme}://{addr}")
 }
 
 async fn prefix_lines(name: &'static str, stderr: tokio::process::ChildStderr) {
@@ -300,9 +440,14 @@ async fn prefix_lines(name: &'static str, stderr: tokio::process::ChildStderr) {
 }
 
 /// Polls the service's health until it says SERVING, failing if it exits or takes too long.
-async fn wait_ready(service: &mut Service, timeout: Duration) -> Result<(), UpError> {
+async fn wait_ready(
+    service: &mut Service,
+    timeout: Duration,
+    tls: &ClientTls,
+) -> Result<(), UpError> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let endpoint = format!("http://{}", service.addr);
+    let scheme = if tls.has_ca() { "https" } else { "http" };
+    let endpoint = url_of(scheme, service.addr);
     loop {
         if let Ok(Some(status)) = service.child.try_wait() {
             return Err(UpError::Died {
@@ -310,7 +455,7 @@ async fn wait_ready(service: &mut Service, timeout: Duration) -> Result<(), UpEr
                 status,
             });
         }
-        if check_serving(&endpoint).await {
+        if check_serving(&endpoint, tls).await {
             tracing::info!(service = service.name, "serving");
             return Ok(());
         }
@@ -324,8 +469,11 @@ async fn wait_ready(service: &mut Service, timeout: Duration) -> Result<(), UpEr
     }
 }
 
-async fn check_serving(endpoint: &str) -> bool {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(endpoint.to_owned()) else {
+async fn check_serving(endpoint: &str, tls: &ClientTls) -> bool {
+    let Ok(uri) = endpoint.parse() else {
+        return false;
+    };
+    let Ok(endpoint) = mesh_runtime::client::endpoint(uri, tls) else {
         return false;
     };
     let Ok(channel) = endpoint
@@ -400,19 +548,34 @@ async fn stop_all(services: &mut [Service], server: &ServerConfig) -> Result<(),
     }
 }
 
-fn print_banner(args: &UpArgs) {
+fn print_banner(args: &UpArgs, pki: Option<&DevPki>) {
     let agg = args.aggregator_listen;
+    let (how, call) = match pki {
+        None => ("plaintext".to_owned(), "-plaintext".to_owned()),
+        Some(pki) => (
+            format!(
+                "TLS, verified with the development CA {}; auth and users take only clients with \
+                 a certificate from it, e.g. -cert {} -key {}",
+                pki.ca.display(),
+                pki.files("aggregator")
+                    .map_or_else(String::new, |f| f.cert.display().to_string()),
+                pki.files("aggregator")
+                    .map_or_else(String::new, |f| f.key.display().to_string()),
+            ),
+            format!("-cacert {}", pki.ca.display()),
+        ),
+    };
     println!(
         "\nThe mesh is up.\n\
          \n  aggregator  {agg}  (the public facade)\
          \n  auth        {}\
          \n  users       {}\n\
-         \nCall it with grpcurl (plaintext; reflection and health on every port):\
-         \n  grpcurl -plaintext {agg} list\
-         \n  grpcurl -plaintext {agg} describe mesh.aggregator.v1.AggregatorService\
-         \n  grpcurl -plaintext -d '{{\"email\":\"ada@example.com\",\"password\":\"correct horse battery\",\"display_name\":\"Ada\"}}' {agg} mesh.aggregator.v1.AggregatorService/SignUp\
-         \n  grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" -d '{{}}' {agg} mesh.aggregator.v1.AggregatorService/GetMe\
-         \n  grpcurl -plaintext -d '{{\"service\":\"mesh.aggregator.v1.AggregatorService\"}}' {agg} grpc.health.v1.Health/Check\n\
+         \nCall it with grpcurl ({how}; reflection and health on every port):\
+         \n  grpcurl {call} {agg} list\
+         \n  grpcurl {call} {agg} describe mesh.aggregator.v1.AggregatorService\
+         \n  grpcurl {call} -d '{{\"email\":\"ada@example.com\",\"password\":\"correct horse battery\",\"display_name\":\"Ada\"}}' {agg} mesh.aggregator.v1.AggregatorService/SignUp\
+         \n  grpcurl {call} -H \"authorization: Bearer $TOKEN\" -d '{{}}' {agg} mesh.aggregator.v1.AggregatorService/GetMe\
+         \n  grpcurl {call} -d '{{\"service\":\"mesh.aggregator.v1.AggregatorService\"}}' {agg} grpc.health.v1.Health/Check\n\
          \nCtrl-C or SIGTERM drains and stops all three.\n",
         args.auth_listen, args.users_listen
     );

@@ -110,6 +110,30 @@ fn get_me() {
     assert!(figure(&value, "GetMe p99 / p50") >= 1.0);
 }
 
+/// `get-me --tls`: GetMe with TLS everywhere beside plaintext, and new connections of both
+/// kinds; every call of every measurement succeeds.
+#[test]
+fn get_me_tls() {
+    let value = run("get-me", &["--tls"]);
+    assert_eq!(
+        names(&value)[1..],
+        [
+            "users GetUser, direct",
+            "GetMe through the aggregator",
+            "GetMe, TLS everywhere",
+            "new plaintext connections to auth",
+            "new mutual-TLS connections to auth",
+        ],
+        "{value}"
+    );
+    for m in &value["measurements"].as_array().expect("list")[1..] {
+        assert!(m["calls"].as_u64() > Some(0), "{m}");
+        assert_eq!(m["errors"], 0, "{m}");
+    }
+    assert!(figure(&value, "GetMe TLS / plaintext throughput") > 0.0);
+    assert!(figure(&value, "new mutual-TLS connections per second") > 0.0);
+}
+
 /// `get-me-delay`: the delayed GetMe takes at least the delay.
 #[test]
 fn get_me_delay() {
@@ -213,4 +237,18 @@ fn overload() {
         figure(&value, "5× the limit: share of calls shed") > 0.0,
         "{value}"
     );
+}
+
+/// `abuse`: every attack class runs beside the well-behaved client, which is measured in each
+/// (its success and the processes' peak RSS reported).
+#[test]
+fn abuse() {
+    let value = run("abuse", &[]);
+    // The baseline, then Login and GetMe with no attack and during each of the seven attacks.
+    assert_eq!(names(&value).len(), 1 + 2 * 8, "{value}");
+    for m in &value["measurements"].as_array().expect("list")[1..] {
+        assert!(m["calls"].as_u64() > Some(0), "{m}");
+    }
+    assert!(figure(&value, "well-behaved success during slowloris") > 0.0);
+    assert!(figure(&value, "aggregator peak RSS during slowloris") > 0.0);
 }

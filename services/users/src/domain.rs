@@ -1,64 +1,15 @@
-//! The users domain's input rules: ids, display names, bios and page tokens. Plain Rust, no gRPC
-//! types; every refusal names the field.
+//! The users domain: the contract's input rules (ids, display names, bios: from
+//! [`mesh_proto::rules`]) and page tokens. Plain Rust, no gRPC types; every refusal names the
+//! field.
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 
-/// The longest display name, in characters (Unicode code points) after trimming.
-pub const MAX_DISPLAY_NAME_CHARS: usize = 64;
-/// The longest bio, in characters after trimming.
-pub const MAX_BIO_CHARS: usize = 512;
-
-/// Why an input was refused; the message names the field.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Invalid(pub String);
-
-/// A user id: a UUID, accepted in either case, rendered lower-case with hyphens.
-pub fn parse_user_id(field: &str, raw: &str) -> Result<String, Invalid> {
-    uuid::Uuid::try_parse(raw.trim())
-        .ok()
-        .filter(|_| raw.trim().len() == 36)
-        .map(|id| id.hyphenated().to_string())
-        .ok_or_else(|| Invalid(format!("{field} `{}` is not a UUID", shorten(raw))))
-}
-
-/// A display name: 1 to 64 characters after trimming; stored trimmed.
-pub fn parse_display_name(raw: &str) -> Result<String, Invalid> {
-    let name = raw.trim();
-    let chars = name.chars().count();
-    if chars == 0 {
-        return Err(Invalid("display_name must not be empty".into()));
-    }
-    if chars > MAX_DISPLAY_NAME_CHARS {
-        return Err(Invalid(format!(
-            "display_name must be at most {MAX_DISPLAY_NAME_CHARS} characters (got {chars})"
-        )));
-    }
-    Ok(name.to_owned())
-}
-
-/// A bio: at most 512 characters after trimming; stored trimmed.
-pub fn parse_bio(raw: &str) -> Result<String, Invalid> {
-    let bio = raw.trim();
-    let chars = bio.chars().count();
-    if chars > MAX_BIO_CHARS {
-        return Err(Invalid(format!(
-            "bio must be at most {MAX_BIO_CHARS} characters (got {chars})"
-        )));
-    }
-    Ok(bio.to_owned())
-}
-
-/// At most 40 characters of a refused input, for error messages.
-fn shorten(raw: &str) -> String {
-    let mut s: String = raw.chars().take(40).collect();
-    if raw.chars().count() > 40 {
-        s.push('…');
-    }
-    s
-}
+// The field rules are the contract's, shared with the aggregator.
+pub use mesh_proto::rules::{
+    Invalid, MAX_BIO_CHARS, MAX_DISPLAY_NAME_CHARS, parse_bio, parse_display_name, parse_user_id,
+};
 
 /// Opaque, tamper-evident `ListUsers` page tokens: the last id of a page, MAC'd with a key
 /// only the users service knows, so a client can neither forge nor alter one.

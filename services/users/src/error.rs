@@ -36,6 +36,15 @@ pub(crate) enum UsersError {
     /// The database failed: retryable.
     #[error("storage unavailable")]
     Store(#[from] StoreError),
+    /// A status made where its words are known (e.g. the retained log's start).
+    /// Too much at once: the message, and when known how long to wait.
+    #[error("{message}")]
+    Exhausted {
+        /// What was refused, for the caller.
+        message: String,
+        /// How long to wait before trying again, when known.
+        retry_after: Option<std::time::Duration>,
+    },
 }
 
 impl From<Invalid> for UsersError {
@@ -57,11 +66,15 @@ impl From<UsersError> for Status {
                 "expected_version {expected} does not match the stored version {stored}"
             )),
             UsersError::OutOfRange(message) => Status::out_of_range(message),
+            UsersError::Exhausted {
+                message,
+                retry_after,
+            } => mesh_proto::headers::resource_exhausted(message, retry_after),
             UsersError::Unauthenticated => {
                 Status::unauthenticated("missing or invalid access token")
             }
             UsersError::Store(err) => {
-                tracing::error!(error = %mesh_runtime::cli::error_chain(&err), "storage failure");
+                tracing::error!(error = %mesh_telemetry::error_chain(&err), "storage failure");
                 Status::unavailable("storage unavailable; retry")
             }
         }
@@ -89,7 +102,7 @@ mod tests {
             StoreError::Database(sqlx::Error::PoolTimedOut),
             StoreError::UnknownKind(9),
         ] {
-            let detail = mesh_runtime::cli::error_chain(&store);
+            let detail = mesh_telemetry::error_chain(&store);
             let status = Status::from(UsersError::Store(store));
             assert_eq!(status.code(), tonic::Code::Unavailable);
             assert_eq!(status.message(), "storage unavailable; retry");

@@ -24,8 +24,11 @@ use tonic::Status;
 
 use crate::store::{Event, StoreError, UsersStore};
 
-/// Events read from the table per query, by the feed and by replays.
+/// Events read from the table per query by the live feed.
 const BATCH: i64 = 500;
+/// Events read from the table per query by a replay: what one subscriber holds at most while
+/// its client has not read them.
+const REPLAY_BATCH: i64 = 64;
 /// The shortest poll interval the feed accepts.
 const MIN_POLL: Duration = Duration::from_millis(10);
 
@@ -64,7 +67,7 @@ impl Feed {
         loop {
             let after = self.published.load(Ordering::SeqCst);
             let mut full = false;
-            match store.events_after(after, BATCH).await {
+            match store.live_events_after(after, BATCH).await {
                 Ok(events) => {
                     if failing {
                         tracing::info!("change feed reads the log again");
@@ -78,7 +81,7 @@ impl Feed {
                 }
                 Err(err) => {
                     if !failing {
-                        tracing::warn!(error = %mesh_runtime::cli::error_chain(&err),
+                        tracing::warn!(error = %mesh_telemetry::error_chain(&err),
                             "change feed cannot read the log; retrying");
                         failing = true;
                     }
@@ -145,6 +148,39 @@ impl Feed {
     }
 }
 
+/// Why a replay page could not be read.
+enum Replay {
+    /// Events after the position were removed by retention (through this sequence).
+    Pruned(i64),
+    /// The database failed.
+    Store(StoreError),
+}
+
+/// The stored events after `position`, unless retention removed some of them: then a replay
+/// would have a gap, and the subscriber is told where the log now starts.
+async fn replay_page(store: &dyn UsersStore, position: i64) -> Result<Vec<Event>, Replay> {
+    let events = store
+        .events_after(position, REPLAY_BATCH)
+        .await
+        .map_err(Replay::Store)?;
+    // Read after the page: a prune that ran before the read shows here.
+    let pruned = store.pruned_through().await.map_err(Replay::Store)?;
+    if position < pruned {
+        return Err(Replay::Pruned(pruned));
+    }
+    Ok(events)
+}
+
+/// OUT_OF_RANGE for a position older than the retained log.
+pub(crate) fn pruned_message(position: i64, pruned: i64) -> String {
+    format!(
+        "after_sequence {position} is before the retained change log: events through sequence \
+         {pruned} were removed by retention; the first available sequence is {} (resume with \
+         after_sequence = {pruned}, or without one for the live edge)",
+        pruned + 1
+    )
+}
+
 /// One `WatchUsers` stream's state.
 struct Subscriber {
     rx: broadcast::Receiver<Arc<Event>>,
@@ -184,23 +220,31 @@ impl Subscriber {
                 let read = tokio::select! {
                     biased;
                     () = self.drain.draining() => return Some(Err(self.shutting_down())),
-                    read = self.store.events_after(self.position, BATCH) => read,
+                    read = replay_page(self.store.as_ref(), self.position) => read,
                 };
                 match read {
-                    Ok(events) => {
-                        // A short page means the table is caught up: what commits later is in
-                        // the receiver, which was subscribed before this read.
-                        self.replaying = events.len() as i64 == BATCH;
-                        self.pending.extend(events);
+                    Err(Replay::Pruned(pruned)) => {
+                        self.done = true;
+                        return Some(Err(crate::error::UsersError::OutOfRange(pruned_message(
+                            self.position,
+                            pruned,
+                        ))
+                        .into()));
                     }
-                    Err(err) => {
-                        tracing::warn!(error = %mesh_runtime::cli::error_chain(&err),
+                    Err(Replay::Store(err)) => {
+                        tracing::warn!(error = %mesh_telemetry::error_chain(&err),
                             "cannot replay the change log for a subscriber");
                         self.done = true;
                         return Some(Err(Status::unavailable(format!(
                             "storage unavailable; resume with after_sequence = {}",
                             self.position
                         ))));
+                    }
+                    Ok(events) => {
+                        // A short page means the table is caught up: what commits later is in
+                        // the receiver, which was subscribed before this read.
+                        self.replaying = events.len() as i64 == REPLAY_BATCH;
+                        self.pending.extend(events);
                     }
                 }
                 continue;

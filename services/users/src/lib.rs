@@ -21,13 +21,14 @@ use std::{future::Future, sync::Arc};
 
 use mesh_authn::AuthLayer;
 use mesh_runtime::{Lifecycle, ServeError, ServiceSpec};
+use secrecy::ExposeSecret as _;
 use tokio::net::TcpListener;
 use tower::Layer as _;
 
 pub use config::{Config, DEFAULT_LISTEN};
 pub use server::{
     DEFAULT_PAGE_SIZE, LOG_HEAD_HEADER, MAX_BATCH_IDS, MAX_PAGE_SIZE, MAX_REQUEST_ID_BYTES,
-    UsersServer,
+    REQUEST_LIMITS, UsersServer,
 };
 
 /// The service's fully qualified name, as health checking and reflection spell it.
@@ -79,17 +80,34 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let lifecycle = Lifecycle::new(SERVICE_NAME);
-    let store = store::open(config.database_url.as_deref(), &config.data_dir).await?;
+    let store = store::open(
+        config.database_url.as_ref().map(|url| url.expose_secret()),
+        &config.data_dir,
+    )
+    .await?;
     let page_tokens = page_tokens(store.as_ref()).await?;
     let (feed, feed_task) = feed::Feed::start(
         store.clone(),
         store.last_sequence().await?,
-        usize::try_from(config.watch_buffer).unwrap_or(1024),
+        usize::try_from(config.watch_buffer).unwrap_or(usize::MAX),
         config.watch_poll_interval,
         lifecycle.drain().clone(),
     );
-    let keys = Arc::new(config.authn.jwks_cache());
-    let handlers = UsersServer::new(store.clone(), page_tokens, feed, lifecycle.drain().clone());
+    let tls = config.authn.tls.load().map_err(ServeError::from)?;
+    let keys = Arc::new(config.authn.jwks_cache(&tls).map_err(ServeError::from)?);
+    // Revoked sessions and withdrawn keys reach this verifier within moments.
+    let following = tokio::spawn(keys.clone().follow());
+    let handlers = UsersServer::new(
+        store.clone(),
+        page_tokens,
+        feed,
+        lifecycle.drain().clone(),
+        usize::try_from(config.max_watch_streams).unwrap_or(usize::MAX),
+        (
+            config.profile_writes_burst,
+            config.profile_writes_per_second,
+        ),
+    );
     let service = AuthLayer::new(keys, &[]).layer(handlers.into_service(&config.server));
     // Ready while the database answers. Tokens are verified with auth's keys, fetched on first
     // use: a call that arrives while auth is unreachable is UNAVAILABLE, not a reason to leave
@@ -103,12 +121,42 @@ pub async fn serve(
             async move { store.ping().await }
         })
     });
-    let spec =
-        ServiceSpec::new(service, mesh_proto::descriptor_sets::USERS).long_lived(&["WatchUsers"]);
+    let pruning = tokio::spawn(prune(store.clone(), config.event_retention));
+    let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::USERS)
+        .long_lived(&["WatchUsers"])
+        .request_limits(REQUEST_LIMITS);
     let served = mesh_runtime::serve(listener, spec, &lifecycle, &config.server, shutdown).await;
     feed_task.abort();
     database.abort();
+    following.abort();
+    pruning.abort();
     Ok(served?)
+}
+
+/// How often the change log is pruned.
+pub const PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Every [`PRUNE_INTERVAL`]: removes deleted profiles' kept last states once the live feeds
+/// have shown them, and events older than `retention` (unless it is zero).
+async fn prune(store: Arc<dyn store::UsersStore>, retention: std::time::Duration) {
+    let retention = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let mut pruned = None;
+    loop {
+        let now = mesh_proto::time::unix_now_ms();
+        let cutoff = (retention > 0).then(|| now.saturating_sub(retention));
+        match store.prune(now, cutoff).await {
+            Ok(through) => {
+                if pruned.is_some_and(|p| p != through) {
+                    tracing::info!(through, "change log pruned by retention");
+                }
+                pruned = Some(through);
+            }
+            Err(err) => {
+                tracing::warn!(error = %mesh_telemetry::error_chain(&err), "cannot prune");
+            }
+        }
+        tokio::time::sleep(PRUNE_INTERVAL).await;
+    }
 }
 
 /// Binds `config.listen` and serves until SIGTERM or SIGINT.

@@ -34,9 +34,24 @@ pub const MAX_PAGE_SIZE: i64 = 1000;
 /// Response metadata of `WatchUsers`: the log's position when the stream began; the stream
 /// sends every event with a larger sequence. A relay resumes from it after a disconnect
 /// even if no event came in between.
-pub const LOG_HEAD_HEADER: &str = "x-mesh-log-head";
+pub use mesh_proto::headers::LOG_HEAD as LOG_HEAD_HEADER;
 /// The longest `CreateUser.request_id`, in bytes.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
+/// Accounts the write limit remembers (a key unused until its bucket is full is forgotten).
+const WRITE_LIMIT_ACCOUNTS: usize = 65_536;
+
+/// The largest request of each method, where the server-wide 4 MiB is far more than it needs:
+/// a profile (64 + 512 characters of up to 4 bytes, an id, a request id) fits in 16 KiB, 1000
+/// ids of 36 characters in 64 KiB.
+pub const REQUEST_LIMITS: &[(&str, usize)] = &[
+    ("CreateUser", 16 * 1024),
+    ("GetUser", 1024),
+    ("BatchGetUsers", 64 * 1024),
+    ("ListUsers", 4 * 1024),
+    ("UpdateUser", 16 * 1024),
+    ("DeleteUser", 1024),
+    ("WatchUsers", 1024),
+];
 
 /// The users service's gRPC handlers.
 #[derive(Debug, Clone)]
@@ -50,6 +65,11 @@ struct Inner {
     page_tokens: PageTokens,
     feed: Arc<Feed>,
     drain: Drain,
+    max_watch_streams: usize,
+    /// WatchUsers streams open (counted before the stream is made, so concurrent calls
+    /// cannot overshoot the bound).
+    watches: Arc<std::sync::atomic::AtomicUsize>,
+    writes: mesh_runtime::bounded::RateLimit<[u8; 16]>,
 }
 
 /// `user` as the contract shows it to `viewer`: the e-mail only for its owner.
@@ -138,6 +158,8 @@ impl UsersServer {
         page_tokens: PageTokens,
         feed: Arc<Feed>,
         drain: Drain,
+        max_watch_streams: usize,
+        writes: (u32, f64),
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -145,6 +167,13 @@ impl UsersServer {
                 page_tokens,
                 feed,
                 drain,
+                max_watch_streams,
+                watches: Arc::default(),
+                writes: mesh_runtime::bounded::RateLimit::new(
+                    writes.0,
+                    writes.1,
+                    WRITE_LIMIT_ACCOUNTS,
+                ),
             }),
         }
     }
@@ -157,11 +186,27 @@ impl UsersServer {
             .max_encoding_message_size(limits.max_response_bytes)
     }
 
+    /// One change by the owner of `id`, within the configured burst and rate: one account
+    /// cannot fill the change log, flush every relay's ring or serialise everyone's writes.
+    fn write_allowed(&self, id: &str) -> Result<(), UsersError> {
+        self.inner
+            .writes
+            .try_take(mesh_runtime::bounded::key16(&[id.as_bytes()]))
+            .map_err(|wait| UsersError::Exhausted {
+                message: format!(
+                    "too many changes to this profile; retry in {} s",
+                    mesh_proto::headers::retry_seconds(wait)
+                ),
+                retry_after: Some(wait),
+            })
+    }
+
     async fn create(&self, request: Request<CreateUserRequest>) -> Result<ProtoUser, UsersError> {
         let claims = claims(&request)?;
         let CreateUserRequest { user, request_id } = request.into_inner();
         let user = user.unwrap_or_default();
         let id = own_target("user.id", &user.id, &claims)?;
+        self.write_allowed(&id)?;
         let Some(email) = claims.email.clone().filter(|e| !e.is_empty()) else {
             return Err(UsersError::PermissionDenied(
                 "the token carries no email claim",
@@ -294,6 +339,7 @@ impl UsersServer {
         } = request.into_inner();
         let user = user.unwrap_or_default();
         let id = own_target("user.id", &user.id, &claims)?;
+        self.write_allowed(&id)?;
         let paths = update_mask.map(|m| m.paths).unwrap_or_default();
         if paths.is_empty() {
             return Err(UsersError::InvalidArgument(
@@ -313,7 +359,7 @@ impl UsersServer {
                     )));
                 }
                 other => {
-                    let shown: String = other.chars().take(64).collect();
+                    let shown = mesh_proto::rules::shown(other, mesh_proto::rules::SHOWN_CHARS);
                     return Err(UsersError::InvalidArgument(format!(
                         "update_mask: unknown path `{shown}` (mutable paths: display_name, bio)"
                     )));
@@ -347,6 +393,7 @@ impl UsersServer {
     async fn delete(&self, request: Request<DeleteUserRequest>) -> Result<(), UsersError> {
         let claims = claims(&request)?;
         let id = own_target("id", &request.get_ref().id, &claims)?;
+        self.write_allowed(&id)?;
         match self.inner.store.delete(&id, now_ms()).await? {
             Some(_event) => {
                 self.inner.feed.wake();
@@ -361,6 +408,14 @@ impl UsersServer {
         request: Request<WatchUsersRequest>,
     ) -> Result<Response<UserEventStream>, UsersError> {
         claims(&request)?;
+        let place = WatchPlace::take(&self.inner.watches, self.inner.max_watch_streams)
+            .ok_or_else(|| UsersError::Exhausted {
+                message: format!(
+                    "this server serves its maximum of {} WatchUsers streams; retry later",
+                    self.inner.max_watch_streams
+                ),
+                retry_after: None,
+            })?;
         let after = request.into_inner().after_sequence;
         if let Some(after) = after {
             if after < 0 {
@@ -375,6 +430,12 @@ impl UsersServer {
                      the position is from another log"
                 )));
             }
+            let pruned = self.inner.store.pruned_through().await?;
+            if after < pruned {
+                return Err(UsersError::OutOfRange(crate::feed::pruned_message(
+                    after, pruned,
+                )));
+            }
         }
         let (head, events) = self
             .inner
@@ -387,10 +448,36 @@ impl UsersServer {
             head,
             "watch started"
         );
-        let events: UserEventStream = Box::pin(events.map(|event| event.map(event_to_proto)));
+        let events: UserEventStream = Box::pin(events.map(move |event| {
+            // The stream's place goes with the stream.
+            let _place = &place;
+            event.map(event_to_proto)
+        }));
         let mut response = Response::new(events);
         response.metadata_mut().insert(LOG_HEAD_HEADER, head.into());
         Ok(response)
+    }
+}
+
+/// A `WatchUsers` stream's place in the count, given back when dropped.
+#[derive(Debug)]
+struct WatchPlace(Arc<std::sync::atomic::AtomicUsize>);
+
+impl WatchPlace {
+    fn take(count: &Arc<std::sync::atomic::AtomicUsize>, max: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        count
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(count.clone()))
+    }
+}
+
+impl Drop for WatchPlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -23,7 +23,16 @@ const MIGRATIONS: Migrations = Migrations(&[
         "settings",
         include_str!("../migrations/0002_settings.sql"),
     ),
+    (
+        3,
+        "erasure_retention",
+        include_str!("../migrations/0003_erasure_retention.sql"),
+    ),
 ]);
+
+/// How long a deleted profile's last state is kept for the live DELETED event (every replica's
+/// feed reads new events within its poll interval, 250 ms by default).
+pub const DELETED_TAIL_KEEP_MS: i64 = 60_000;
 
 /// A storage failure. Never shown to callers.
 #[derive(Debug, thiserror::Error)]
@@ -155,10 +164,20 @@ pub trait UsersStore: Send + Sync + std::fmt::Debug + 'static {
         expected_version: i64,
         now: i64,
     ) -> Result<Updated, StoreError>;
-    /// Deletes a profile; its event, or `None` if there was none.
+    /// Deletes a profile and erases its display name and bio from every stored event of it;
+    /// its DELETED event (with the last state), or `None` if there was none.
     async fn delete(&self, id: &str, now: i64) -> Result<Option<Event>, StoreError>;
-    /// Up to `limit` events with a sequence greater than `after`, in order.
+    /// Up to `limit` stored events with a sequence greater than `after`, in order: what a
+    /// replay sends (a deleted profile's events erased).
     async fn events_after(&self, after: i64, limit: i64) -> Result<Vec<Event>, StoreError>;
+    /// As [`UsersStore::events_after`], but a DELETED event still carries the profile's last
+    /// state while its tail is kept: what the live feed broadcasts.
+    async fn live_events_after(&self, after: i64, limit: i64) -> Result<Vec<Event>, StoreError>;
+    /// The sequence through which events were removed by retention (0: none).
+    async fn pruned_through(&self) -> Result<i64, StoreError>;
+    /// Removes deleted profiles' tails kept past `now`, and (with `retain_after`) every event
+    /// that occurred before it. Returns the new `pruned_through`.
+    async fn prune(&self, now: i64, retain_after: Option<i64>) -> Result<i64, StoreError>;
     /// The newest sequence handed out (0 for an empty log).
     async fn last_sequence(&self) -> Result<i64, StoreError>;
     /// Whether the database answers (`SELECT 1`).
@@ -431,15 +450,46 @@ macro_rules! impl_store {
                     .bind(id)
                     .execute(&mut *tx)
                     .await?;
-                // The DELETED event carries the last state with version + 1.
+                // No replay of the log shows a deleted profile's name or bio again.
+                sqlx::query(
+                    "UPDATE user_events SET display_name = '', bio = '' WHERE user_id = $1",
+                )
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+                // The DELETED event carries the last state with version + 1, stored erased; the
+                // live feed shows the last state from the tail.
                 let last = User {
                     update_time: now,
                     version: current.version + 1,
                     ..current
                 };
-                let event = Self::append(&mut tx, sequence, EventKind::Deleted, &last, now).await?;
+                let erased = User {
+                    display_name: String::new(),
+                    bio: String::new(),
+                    ..last.clone()
+                };
+                Self::append(&mut tx, sequence, EventKind::Deleted, &erased, now).await?;
+                sqlx::query(
+                    "INSERT INTO deleted_tail (sequence, display_name, bio, erase_after) \
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .bind(sequence)
+                .bind(&last.display_name)
+                .bind(&last.bio)
+                .bind(now + DELETED_TAIL_KEEP_MS)
+                .execute(&mut *tx)
+                .await?;
                 tx.commit().await?;
-                Ok(Some(event))
+                Ok(Some(Event {
+                    sequence,
+                    kind: EventKind::Deleted,
+                    user: User {
+                        email: String::new(),
+                        ..last
+                    },
+                    occur_time: now,
+                }))
             }
 
             async fn events_after(&self, after: i64, limit: i64) -> Result<Vec<Event>, StoreError> {
@@ -453,6 +503,69 @@ macro_rules! impl_store {
                 .fetch_all(&self.pool)
                 .await?;
                 rows.into_iter().map(event).collect()
+            }
+
+            async fn live_events_after(
+                &self,
+                after: i64,
+                limit: i64,
+            ) -> Result<Vec<Event>, StoreError> {
+                let rows: Vec<EventRow> = sqlx::query_as(
+                    "SELECT e.sequence, e.kind, e.user_id, \
+                         COALESCE(t.display_name, e.display_name), COALESCE(t.bio, e.bio), \
+                         e.create_time, e.update_time, e.version, e.occur_time \
+                     FROM user_events e LEFT JOIN deleted_tail t ON t.sequence = e.sequence \
+                     WHERE e.sequence > $1 ORDER BY e.sequence LIMIT $2",
+                )
+                .bind(after)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.into_iter().map(event).collect()
+            }
+
+            async fn pruned_through(&self) -> Result<i64, StoreError> {
+                let (pruned,): (i64,) =
+                    sqlx::query_as("SELECT pruned_through FROM event_sequence WHERE id = 1")
+                        .fetch_one(&self.pool)
+                        .await?;
+                Ok(pruned)
+            }
+
+            async fn prune(&self, now: i64, retain_after: Option<i64>) -> Result<i64, StoreError> {
+                sqlx::query("DELETE FROM deleted_tail WHERE erase_after <= $1")
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?;
+                let mut tx = self.pool.begin().await?;
+                // The log's row first, as every writer takes it.
+                let (mut pruned,): (i64,) = sqlx::query_as(
+                    "UPDATE event_sequence SET pruned_through = pruned_through WHERE id = 1 \
+                     RETURNING pruned_through",
+                )
+                .fetch_one(&mut *tx)
+                .await?;
+                if let Some(cutoff) = retain_after {
+                    let (through,): (Option<i64>,) = sqlx::query_as(
+                        "SELECT MAX(sequence) FROM user_events WHERE occur_time < $1",
+                    )
+                    .bind(cutoff)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    if let Some(through) = through.filter(|t| *t > pruned) {
+                        sqlx::query("DELETE FROM user_events WHERE sequence <= $1")
+                            .bind(through)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query("UPDATE event_sequence SET pruned_through = $1 WHERE id = 1")
+                            .bind(through)
+                            .execute(&mut *tx)
+                            .await?;
+                        pruned = through;
+                    }
+                }
+                tx.commit().await?;
+                Ok(pruned)
             }
 
             async fn ping(&self) -> Result<(), StoreError> {

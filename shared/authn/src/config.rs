@@ -4,7 +4,11 @@
 use std::time::Duration;
 
 use http::Uri;
-use tonic::transport::Channel;
+use mesh_runtime::{
+    ClientTlsConfig,
+    client::{ChannelError, Traced},
+    tls::ClientTls,
+};
 
 use crate::JwksCache;
 
@@ -20,60 +24,78 @@ pub struct AuthnConfig {
     pub auth_url: Uri,
 
     /// The `iss` claim accepted tokens must carry.
-    #[arg(
-        long = "token-issuer",
-        env = "MESH_TOKEN_ISSUER",
-        default_value = "mesh-auth"
-    )]
+    #[arg(long = "token-issuer", env = "MESH_TOKEN_ISSUER",
+          default_value = mesh_token::DEFAULT_ISSUER)]
     pub issuer: String,
 
     /// The `aud` claim accepted tokens must carry.
-    #[arg(
-        long = "token-audience",
-        env = "MESH_TOKEN_AUDIENCE",
-        default_value = "mesh"
-    )]
+    #[arg(long = "token-audience", env = "MESH_TOKEN_AUDIENCE",
+          default_value = mesh_token::DEFAULT_AUDIENCE)]
     pub audience: String,
 
-    /// Clock skew allowed on the `exp` and `nbf` of accepted tokens.
+    /// Clock skew allowed on the `exp`, `nbf` and `iat` of accepted tokens (the default is
+    /// [`mesh_token::DEFAULT_LEEWAY_SECS`]; a test checks they agree).
     #[arg(long = "token-leeway", env = "MESH_TOKEN_LEEWAY", default_value = "30s",
           value_parser = mesh_runtime::parse_duration)]
     pub leeway: Duration,
+
+    /// The longest lifetime (`exp` − `iat`) an accepted token may have: at least auth's
+    /// `--access-token-ttl`. Tokens claiming more are refused, however well signed.
+    #[arg(long = "token-max-lifetime", env = "MESH_TOKEN_MAX_LIFETIME", default_value = "1h",
+          value_parser = mesh_runtime::parse_duration)]
+    pub max_lifetime: Duration,
+
+    /// How this service reaches the services it calls over TLS (`https://` URLs).
+    #[command(flatten)]
+    pub tls: ClientTlsConfig,
 }
 
-/// Accepts `http://host:port` URLs (plaintext HTTP/2 inside the cluster; the mesh is built
-/// without TLS).
+/// Accepts `http://host:port` (plaintext HTTP/2) and `https://host:port` (TLS, verified with
+/// `--tls-ca`) URLs.
 pub fn parse_url(raw: &str) -> Result<Uri, String> {
     let uri: Uri = raw
         .parse()
         .map_err(|e| format!("`{raw}` is not a URL: {e}"))?;
     match (uri.scheme_str(), uri.authority()) {
-        (Some("http"), Some(_)) => Ok(uri),
-        _ => Err(format!("`{raw}` is not an http:// URL with a host")),
+        (Some("http" | "https"), Some(_)) => Ok(uri),
+        _ => Err(format!(
+            "`{raw}` is not an http:// or https:// URL with a host"
+        )),
+    }
+}
+
+impl Default for AuthnConfig {
+    fn default() -> Self {
+        mesh_runtime::cli::defaults()
     }
 }
 
 impl AuthnConfig {
-    /// Auth at `auth_url`, with the default issuer and audience.
+    /// Auth at `auth_url`, every other setting its default.
     pub fn new(auth_url: Uri) -> Self {
         Self {
             auth_url,
-            issuer: "mesh-auth".to_owned(),
-            audience: "mesh".to_owned(),
-            leeway: Duration::from_secs(30),
+            ..Self::default()
         }
     }
 
-    /// A long-lived channel to auth: balanced over every address its host name resolves to
-    /// (see [`crate::balance`]), connected on first use, reconnecting on its own.
-    pub fn channel(&self) -> Channel {
-        crate::balance::balanced_channel(&self.auth_url)
+    /// A long-lived traced channel to auth: balanced over every address its host name
+    /// resolves to (see [`mesh_runtime::client`]), connected on first use, reconnecting on
+    /// its own.
+    pub fn channel(&self, tls: &ClientTls) -> Result<Traced, ChannelError> {
+        mesh_runtime::client::traced_channel(&self.auth_url, tls)
     }
 
-    /// A key cache for this configuration, on a fresh [`AuthnConfig::channel`].
-    pub fn jwks_cache(&self) -> JwksCache {
-        JwksCache::new(self.channel(), self.issuer.clone(), self.audience.clone())
-            .with_leeway(self.leeway)
+    /// A key cache for this configuration, on a fresh [`AuthnConfig::channel`] (`tls` is
+    /// [`AuthnConfig::tls`], loaded).
+    pub fn jwks_cache(&self, tls: &ClientTls) -> Result<JwksCache, ChannelError> {
+        Ok(JwksCache::new(
+            self.channel(tls)?,
+            self.issuer.clone(),
+            self.audience.clone(),
+        )
+        .with_leeway(self.leeway)
+        .with_max_lifetime(self.max_lifetime))
     }
 }
 
@@ -81,14 +103,32 @@ impl AuthnConfig {
 mod tests {
     use super::*;
 
+    /// The flag defaults are the token crate's.
+    #[test]
+    fn defaults_match_the_token_crate() {
+        let config = AuthnConfig::default();
+        assert_eq!(config.auth_url.to_string(), format!("{DEFAULT_AUTH_URL}/"));
+        assert_eq!(config.issuer, mesh_token::DEFAULT_ISSUER);
+        assert_eq!(config.audience, mesh_token::DEFAULT_AUDIENCE);
+        assert_eq!(
+            config.leeway.as_secs(),
+            u64::try_from(mesh_token::DEFAULT_LEEWAY_SECS).expect("positive")
+        );
+        assert_eq!(
+            config.max_lifetime.as_secs(),
+            u64::try_from(mesh_token::DEFAULT_MAX_LIFETIME_SECS).expect("positive")
+        );
+    }
+
     /// Only http(s) URLs with a host are accepted, with a message naming the value.
     #[test]
     fn urls() {
         assert!(parse_url("http://127.0.0.1:50052").is_ok());
         assert!(parse_url("http://auth.mesh.svc.cluster.local:50052").is_ok());
+        assert!(parse_url("https://auth:50052").is_ok());
         for bad in [
             "127.0.0.1:50052",
-            "https://auth:50052",
+            "grpc://auth:50052",
             "ftp://x",
             "http://",
             "not a url",

@@ -3,7 +3,15 @@
 //! Tokens are verified locally — no auth round trip per request — against the public keys auth
 //! publishes with `GetJwks`. [`JwksCache`] fetches them on first use, keeps them, and fetches
 //! again when a token names an unknown `kid` (a key rotation), at most once per
-//! [`JwksCache::MIN_REFETCH`] so a flood of made-up key ids cannot hammer auth.
+//! [`JwksCache::MIN_REFETCH`] so a flood of made-up key ids cannot hammer auth, and every
+//! [`KEY_REFETCH`] in any case.
+//!
+//! Local verification alone would keep accepting a logged-out session's tokens until they
+//! expire. So each verifier also follows auth's `WatchRevocations` stream ([`JwksCache::follow`]):
+//! the sessions ended by Logout, refresh-token reuse or account deletion, and the current key
+//! set. A token whose `sid` is revoked, or whose key was withdrawn, is refused within moments of
+//! the change (the stream's latency), each revocation kept until the tokens it covers have
+//! expired.
 //!
 //! [`AuthLayer`] wraps a generated server: every method not declared public needs
 //! `authorization: Bearer <token>`; a missing, malformed, expired, tampered or wrongly-signed
@@ -11,7 +19,6 @@
 //! (retryable). On success the typed [`Claims`] and the raw [`BearerToken`] (for downstream
 //! calls made for the caller) are put into the request's extensions.
 
-pub mod balance;
 mod config;
 
 pub use config::{AuthnConfig, DEFAULT_AUTH_URL, parse_url};
@@ -20,15 +27,23 @@ use std::{
     collections::HashMap,
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
-use mesh_proto::auth::v1::{GetJwksRequest, auth_service_client::AuthServiceClient};
+use mesh_proto::auth::v1::{
+    GetJwksRequest, WatchRevocationsRequest, auth_service_client::AuthServiceClient,
+};
+use mesh_runtime::bounded::{BoundedMap, key16};
+use mesh_runtime::client::Traced;
 use mesh_token::{Jwks, TokenError, Verifier};
+use sha2::Digest as _;
 use tokio::sync::{Mutex, RwLock};
-use tonic::{Status, server::NamedService, transport::Channel};
+use tonic::{Status, server::NamedService};
 use tower::{Layer, Service};
 
 pub use mesh_token::Claims;
@@ -55,12 +70,15 @@ pub enum AuthnError {
     /// auth's keys could not be fetched.
     #[error("cannot fetch auth's signing keys")]
     KeysUnavailable(#[source] Status),
+    /// The token's session has ended (logout, refresh-token reuse, account deletion).
+    #[error("the token's session is revoked")]
+    Revoked,
 }
 
 impl From<AuthnError> for Status {
     fn from(err: AuthnError) -> Self {
         match err {
-            AuthnError::Missing | AuthnError::Invalid(_) => {
+            AuthnError::Missing | AuthnError::Invalid(_) | AuthnError::Revoked => {
                 Status::unauthenticated("missing or invalid access token")
             }
             AuthnError::KeysUnavailable(_) => {
@@ -73,7 +91,7 @@ impl From<AuthnError> for Status {
 /// auth's public keys, fetched with `GetJwks` and cached.
 #[derive(Debug)]
 pub struct JwksCache {
-    client: AuthServiceClient<mesh_telemetry::ClientTrace<Channel>>,
+    client: AuthServiceClient<Traced>,
     issuer: String,
     audience: String,
     verifier: RwLock<Option<Verifier>>,
@@ -81,50 +99,202 @@ pub struct JwksCache {
     last_fetch: Mutex<Option<Instant>>,
     min_refetch: Duration,
     leeway_secs: i64,
+    max_lifetime_secs: i64,
     fetches: std::sync::atomic::AtomicU64,
-    /// Tokens already verified with the current keys, by their exact text: a client sends the
-    /// same token for its whole life, and an Ed25519 check costs far more than a lookup. Only
-    /// valid tokens get in (garbage cannot fill it), times are checked again on every use, and
-    /// new keys empty it.
-    verified: std::sync::Mutex<HashMap<Box<str>, Claims>>,
+    /// The JWK Set the verifier was built from, to tell a changed key set from the same one.
+    jwks_json: std::sync::Mutex<String>,
+    /// Tokens already verified with the current keys, by the SHA-256 of their text: a client
+    /// sends the same token for its whole life, and an Ed25519 check costs far more than a
+    /// lookup. Only valid tokens get in (garbage cannot fill it), times and revocation are
+    /// checked again on every use, new keys empty it, and it is a [`BoundedMap`]: at most
+    /// [`MAX_VERIFIED_TOKENS`], the oldest first.
+    verified: std::sync::Mutex<BoundedMap<[u8; 32], Claims>>,
     verified_hits: std::sync::atomic::AtomicU64,
+    /// Revoked sessions (by [`key16`] of their id) and when each may be forgotten (Unix ms),
+    /// from auth's `WatchRevocations`.
+    revoked: std::sync::RwLock<HashMap<[u8; 16], i64>>,
+    /// Whether the revocation stream's snapshot has arrived since start-up.
+    following: AtomicBool,
 }
 
-/// Verified tokens kept at most; when full, the cache starts again empty.
+/// Verified tokens kept at most (about 5 MiB of claims and keys); when full, the oldest go.
 pub const MAX_VERIFIED_TOKENS: usize = 10_000;
+/// How long a verified token is kept in the cache (it is still checked on each use).
+pub const VERIFIED_TOKEN_AGE: Duration = Duration::from_secs(15 * 60);
+/// How often keys are fetched again even when no token names an unknown one: a key withdrawn
+/// from auth stops being trusted within this long even if the revocation stream is down.
+pub const KEY_REFETCH: Duration = Duration::from_secs(60);
+/// The longest wait between two attempts to follow auth's revocations.
+const MAX_FOLLOW_BACKOFF: Duration = Duration::from_secs(2);
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+use mesh_proto::time::unix_now;
 
 impl JwksCache {
     /// The default shortest time between two fetches triggered by unknown key ids.
     pub const MIN_REFETCH: Duration = Duration::from_secs(5);
-    /// Clock skew allowed on `exp` and `nbf` by default.
-    pub const LEEWAY_SECS: i64 = 30;
 
-    /// A cache of the keys of the auth service behind `channel`, for tokens from `issuer` to
-    /// `audience`.
-    pub fn new(channel: Channel, issuer: impl Into<String>, audience: impl Into<String>) -> Self {
+    /// A cache of the keys of the auth service behind `channel` (traced like every outgoing
+    /// call: a key fetch is a child of the call that needed the keys), for tokens from
+    /// `issuer` to `audience`.
+    pub fn new(channel: Traced, issuer: impl Into<String>, audience: impl Into<String>) -> Self {
         Self {
-            // Key fetches are traced like any outgoing call (a child of the call that needed
-            // the keys).
-            client: AuthServiceClient::new(tower::Layer::layer(
-                &mesh_telemetry::ClientTraceLayer::default(),
-                channel,
-            )),
+            client: AuthServiceClient::new(channel),
             issuer: issuer.into(),
             audience: audience.into(),
             verifier: RwLock::new(None),
             last_fetch: Mutex::new(None),
             min_refetch: Self::MIN_REFETCH,
-            leeway_secs: Self::LEEWAY_SECS,
+            leeway_secs: mesh_token::DEFAULT_LEEWAY_SECS,
+            max_lifetime_secs: mesh_token::DEFAULT_MAX_LIFETIME_SECS,
             fetches: std::sync::atomic::AtomicU64::new(0),
-            verified: std::sync::Mutex::new(HashMap::new()),
+            jwks_json: std::sync::Mutex::new(String::new()),
+            verified: std::sync::Mutex::new(BoundedMap::new(
+                MAX_VERIFIED_TOKENS,
+                VERIFIED_TOKEN_AGE,
+            )),
             verified_hits: std::sync::atomic::AtomicU64::new(0),
+            revoked: std::sync::RwLock::new(HashMap::new()),
+            following: AtomicBool::new(false),
+        }
+    }
+
+    /// The same cache accepting token lifetimes (`exp` − `iat`) of at most `lifetime`.
+    pub fn with_max_lifetime(mut self, lifetime: Duration) -> Self {
+        self.max_lifetime_secs = i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX);
+        self
+    }
+
+    /// Whether the revocation stream's snapshot has arrived (revocations are being followed).
+    pub fn is_following(&self) -> bool {
+        self.following.load(Ordering::SeqCst)
+    }
+
+    /// How many revoked sessions are known.
+    pub fn revoked_sessions(&self) -> usize {
+        self.revoked.read().map_or(0, |revoked| revoked.len())
+    }
+
+    fn is_revoked(&self, sid: &str) -> bool {
+        self.revoked
+            .read()
+            .is_ok_and(|revoked| revoked.contains_key(&key16(&[sid.as_bytes()])))
+    }
+
+    /// Forgets revoked sessions whose tokens have all expired (every [`KEY_REFETCH`]).
+    fn forget_expired(&self) {
+        let now_ms = unix_now().saturating_mul(1000);
+        if let Ok(mut revoked) = self.revoked.write() {
+            revoked.retain(|_, forget_at| *forget_at > now_ms);
+        }
+    }
+
+    /// Adds revoked sessions.
+    fn add_revoked(&self, sessions: &[mesh_proto::auth::v1::RevokedSession]) {
+        if sessions.is_empty() {
+            return;
+        }
+        if let Ok(mut revoked) = self.revoked.write() {
+            for session in sessions {
+                let forget_at = session
+                    .expire_time
+                    .as_ref()
+                    .map_or(i64::MAX, |t| t.seconds.saturating_mul(1000));
+                revoked.insert(key16(&[session.session_id.as_bytes()]), forget_at);
+            }
+        }
+    }
+
+    /// Makes `jwks_json` the key set, if it differs from the current one: tokens verified with
+    /// the old set are verified again (a key may have been withdrawn).
+    async fn apply_jwks(&self, jwks_json: &str) -> Result<(), AuthnError> {
+        if self
+            .jwks_json
+            .lock()
+            .is_ok_and(|current| current.as_str() == jwks_json)
+            && self.verifier.read().await.is_some()
+        {
+            return Ok(());
+        }
+        let jwks = Jwks::from_json(jwks_json)
+            .map_err(|_| AuthnError::KeysUnavailable(Status::internal("bad JWKS document")))?;
+        let verifier = Verifier::new(&jwks, &self.issuer, &self.audience, self.leeway_secs)
+            .map_err(|_| AuthnError::KeysUnavailable(Status::internal("bad key in JWKS")))?
+            .with_max_lifetime(self.max_lifetime_secs);
+        let mut current = self.verifier.write().await;
+        if let Ok(mut verified) = self.verified.lock() {
+            *verified = BoundedMap::new(MAX_VERIFIED_TOKENS, VERIFIED_TOKEN_AGE);
+        }
+        if let Ok(mut json) = self.jwks_json.lock() {
+            *json = jwks_json.to_owned();
+        }
+        *current = Some(verifier);
+        tracing::info!(keys = jwks.keys.len(), "auth's signing keys set");
+        Ok(())
+    }
+
+    /// Follows auth's `WatchRevocations` until dropped: revoked sessions and key-set changes,
+    /// reconnecting with backoff when the stream ends; and fetches the keys again every
+    /// [`KEY_REFETCH`]. Spawn it beside the server that uses this cache.
+    pub async fn follow(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        let mut refetch = tokio::time::interval(KEY_REFETCH);
+        refetch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut said_down = false;
+        loop {
+            let mut client = self.client.clone();
+            let opened = tokio::select! {
+                opened = client.watch_revocations(WatchRevocationsRequest {}) => opened,
+                _ = refetch.tick() => {
+                    self.refetch_keys().await;
+                    continue;
+                }
+            };
+            match opened {
+                Ok(response) => {
+                    let mut stream = response.into_inner();
+                    loop {
+                        let message = tokio::select! {
+                            message = stream.message() => message,
+                            _ = refetch.tick() => {
+                                self.refetch_keys().await;
+                                continue;
+                            }
+                        };
+                        let Ok(Some(message)) = message else {
+                            break;
+                        };
+                        if !message.jwks_json.is_empty()
+                            && let Err(err) = self.apply_jwks(&message.jwks_json).await
+                        {
+                            tracing::warn!(error = %err, "bad key set on the revocation stream");
+                        }
+                        self.add_revoked(&message.sessions);
+                        if message.snapshot_complete {
+                            self.following.store(true, Ordering::SeqCst);
+                            if said_down {
+                                tracing::info!("following auth's revocations again");
+                                said_down = false;
+                            }
+                            backoff = Duration::from_millis(100);
+                        }
+                    }
+                }
+                Err(status) => {
+                    if !said_down {
+                        tracing::warn!(error = %status, "cannot follow auth's revocations; retrying");
+                        said_down = true;
+                    }
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_FOLLOW_BACKOFF);
+        }
+    }
+
+    async fn refetch_keys(&self) {
+        self.forget_expired();
+        if let Err(err) = self.refresh(Duration::ZERO).await {
+            tracing::debug!(error = %err, "periodic key fetch failed");
         }
     }
 
@@ -168,18 +338,7 @@ impl JwksCache {
             .await
             .map_err(AuthnError::KeysUnavailable)?
             .into_inner();
-        let jwks = Jwks::from_json(&reply.jwks_json)
-            .map_err(|_| AuthnError::KeysUnavailable(Status::internal("bad JWKS document")))?;
-        let verifier = Verifier::new(&jwks, &self.issuer, &self.audience, self.leeway_secs)
-            .map_err(|_| AuthnError::KeysUnavailable(Status::internal("bad key in JWKS")))?;
-        tracing::info!(keys = jwks.keys.len(), "fetched auth's signing keys");
-        let mut current = self.verifier.write().await;
-        // Tokens verified with the old keys are verified again: a key may have been withdrawn.
-        if let Ok(mut verified) = self.verified.lock() {
-            verified.clear();
-        }
-        *current = Some(verifier);
-        Ok(())
+        self.apply_jwks(&reply.jwks_json).await
     }
 
     /// Verifies `token`, fetching keys first if none are known and again (rate-limited) if the
@@ -206,23 +365,34 @@ impl JwksCache {
             .as_ref()
             .ok_or_else(|| AuthnError::KeysUnavailable(Status::unavailable("no keys yet")))?;
         let now = unix_now();
+        let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let at = tokio::time::Instant::now();
         let known = self
             .verified
             .lock()
             .ok()
-            .and_then(|verified| verified.get(token).cloned());
-        if let Some(claims) = known {
-            verifier.check_time(&claims, now)?;
-            self.verified_hits
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Ok(claims);
-        }
-        let claims = verifier.verify(token, now)?;
-        if let Ok(mut verified) = self.verified.lock() {
-            if verified.len() >= MAX_VERIFIED_TOKENS {
-                verified.clear();
+            .and_then(|mut verified| verified.get_mut(&key, at).cloned());
+        let claims = match known {
+            Some(claims) => {
+                verifier.check_time(&claims, now)?;
+                self.verified_hits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                claims
             }
-            verified.insert(token.into(), claims.clone());
+            None => {
+                let claims = verifier.verify(token, now)?;
+                if let Ok(mut verified) = self.verified.lock() {
+                    verified.get_or_insert_with(key, at, || claims.clone());
+                }
+                claims
+            }
+        };
+        if claims
+            .sid
+            .as_deref()
+            .is_some_and(|sid| self.is_revoked(sid))
+        {
+            return Err(AuthnError::Revoked);
         }
         Ok(claims)
     }
@@ -233,7 +403,9 @@ impl JwksCache {
 /// unauthenticated instead of panicking.
 pub fn set_bearer<T>(request: &mut tonic::Request<T>, token: &str) {
     if let Ok(value) = format!("Bearer {token}").parse() {
-        request.metadata_mut().insert("authorization", value);
+        request
+            .metadata_mut()
+            .insert(mesh_proto::headers::AUTHORIZATION, value);
     }
 }
 
@@ -246,10 +418,7 @@ pub fn bearer_request<T>(token: &str, message: T) -> tonic::Request<T> {
 
 /// The bearer token of `headers`, if well-formed (`Bearer <token>`, scheme case-insensitive).
 pub fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
-    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+    mesh_token::parse_bearer(headers.get(http::header::AUTHORIZATION)?.to_str().ok()?)
 }
 
 /// A tower layer requiring a valid bearer token on every method but the public ones.

@@ -1,7 +1,15 @@
 //! The bearer-token layer in front of a real gRPC service, verifying against a real auth
 //! server's JWKS: good tokens pass with their claims, hostile ones are UNAUTHENTICATED.
 
-use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use ed25519_dalek::Signer as _;
@@ -9,138 +17,82 @@ use mesh_authn::{AuthLayer, AuthnError, BearerToken, Claims, JwksCache};
 use mesh_proto::{
     auth::v1::{IssueServiceTokenRequest, RegisterRequest, auth_service_client::AuthServiceClient},
     users::v1::{
-        BatchGetUsersRequest, BatchGetUsersResponse, CreateUserRequest, DeleteUserRequest,
-        DeleteUserResponse, GetUserRequest, ListUsersRequest, ListUsersResponse, UpdateUserRequest,
-        User, UserEvent, WatchUsersRequest,
-        user_service_client::UserServiceClient,
-        user_service_server::{UserService, UserServiceServer},
+        GetUserRequest, ListUsersRequest, ListUsersResponse, User,
+        user_service_client::UserServiceClient, user_service_server::UserServiceServer,
     },
 };
-use mesh_runtime::{
-    Lifecycle, ServerConfig, ServiceSpec,
-    testing::{TestServer, connect},
+use mesh_testkit::{
+    TestServer, UsersDouble, auth_config, bearer, claims, connect, serve_double_on, start_auth,
+    unix_now,
 };
-use mesh_token::{KeyRing, TokenError};
-use tonic::{Code, Request, Response, Status};
+use mesh_token::{DEFAULT_AUDIENCE, DEFAULT_ISSUER, KeyRing, TokenError};
+use tonic::{Code, Request, Status};
 use tower::Layer as _;
 
-/// Answers GetUser with the caller's claims; ListUsers is public.
-#[derive(Clone, Default)]
-struct Echo {
-    /// ListUsers calls this instance answered.
-    lists: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-#[tonic::async_trait]
-impl UserService for Echo {
-    async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<User>, Status> {
-        let claims = request.extensions().get::<Claims>().cloned();
-        let token = request.extensions().get::<BearerToken>().cloned();
-        let claims = claims.ok_or_else(|| Status::internal("no claims"))?;
-        assert!(
-            token.is_some(),
-            "the raw token is kept for downstream calls"
-        );
-        Ok(Response::new(User {
-            id: claims.sub,
-            email: claims.email.unwrap_or_default(),
-            ..User::default()
-        }))
-    }
-    async fn list_users(
-        &self,
-        request: Request<ListUsersRequest>,
-    ) -> Result<Response<ListUsersResponse>, Status> {
-        assert!(request.extensions().get::<Claims>().is_none());
-        self.lists.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(Response::new(ListUsersResponse::default()))
-    }
-    async fn create_user(&self, _: Request<CreateUserRequest>) -> Result<Response<User>, Status> {
-        Err(Status::unimplemented("test"))
-    }
-    async fn batch_get_users(
-        &self,
-        _: Request<BatchGetUsersRequest>,
-    ) -> Result<Response<BatchGetUsersResponse>, Status> {
-        Err(Status::unimplemented("test"))
-    }
-    async fn update_user(&self, _: Request<UpdateUserRequest>) -> Result<Response<User>, Status> {
-        Err(Status::unimplemented("test"))
-    }
-    async fn delete_user(
-        &self,
-        _: Request<DeleteUserRequest>,
-    ) -> Result<Response<DeleteUserResponse>, Status> {
-        Err(Status::unimplemented("test"))
-    }
-    type WatchUsersStream = tokio_stream::Empty<Result<UserEvent, Status>>;
-    async fn watch_users(
-        &self,
-        _: Request<WatchUsersRequest>,
-    ) -> Result<Response<Self::WatchUsersStream>, Status> {
-        Err(Status::unimplemented("test"))
-    }
+/// A users double answering GetUser with the caller's claims and ListUsers (public) with
+/// nothing, counting the ListUsers calls it answered on `lists`.
+fn echo(lists: &Arc<AtomicUsize>) -> UsersDouble {
+    let lists = lists.clone();
+    UsersDouble::new()
+        .get_user(|request| async move {
+            let claims = request.extensions().get::<Claims>().cloned();
+            let token = request.extensions().get::<BearerToken>().cloned();
+            let claims = claims.ok_or_else(|| Status::internal("no claims"))?;
+            assert!(
+                token.is_some(),
+                "the raw token is kept for downstream calls"
+            );
+            Ok(User {
+                id: claims.sub,
+                email: claims.email.unwrap_or_default(),
+                ..User::default()
+            })
+        })
+        .list_users(move |request| {
+            assert!(request.extensions().get::<Claims>().is_none());
+            lists.fetch_add(1, Ordering::SeqCst);
+            async { Ok(ListUsersResponse::default()) }
+        })
 }
 
 async fn start_auth_on(addr: SocketAddr, data: &Path, keys: Vec<std::path::PathBuf>) -> TestServer {
-    let mut config = mesh_auth::Config::new(addr, data.to_owned());
+    let mut config = auth_config(data);
+    config.listen = addr;
     config.signing_keys = keys;
     config.service_clients = vec!["svc=plain:svc-secret".parse().expect("client")];
-    TestServer::start_on(addr, move |listener, shutdown| async move {
-        mesh_auth::serve(&config, listener, shutdown).await
-    })
-    .await
+    start_auth(config).await
+}
+
+/// A key cache for auth on `channel`, expecting the mesh's issuer and audience.
+fn cache_on(channel: tonic::transport::Channel) -> JwksCache {
+    JwksCache::new(
+        mesh_runtime::client::traced(channel),
+        DEFAULT_ISSUER,
+        DEFAULT_AUDIENCE,
+    )
 }
 
 async fn start_protected(cache: Arc<JwksCache>) -> TestServer {
-    start_protected_on(([127, 0, 0, 1], 0).into(), cache, Echo::default()).await
+    start_protected_on(([127, 0, 0, 1], 0).into(), cache, &Arc::default()).await
 }
 
-async fn start_protected_on(addr: SocketAddr, cache: Arc<JwksCache>, echo: Echo) -> TestServer {
-    TestServer::start_on(addr, move |listener, shutdown| async move {
-        let lifecycle = Lifecycle::new("mesh.users.v1.UserService");
-        lifecycle.health().set_ready(true);
-        let service = AuthLayer::new(cache, &["ListUsers"]).layer(UserServiceServer::new(echo));
-        let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::USERS);
-        mesh_runtime::serve(
-            listener,
-            spec,
-            &lifecycle,
-            &ServerConfig::default(),
-            shutdown,
-        )
-        .await
-    })
+async fn start_protected_on(
+    addr: SocketAddr,
+    cache: Arc<JwksCache>,
+    lists: &Arc<AtomicUsize>,
+) -> TestServer {
+    let service = AuthLayer::new(cache, &["ListUsers"]).layer(UserServiceServer::new(echo(lists)));
+    serve_double_on(
+        addr,
+        service,
+        mesh_proto::descriptor_sets::USERS,
+        mesh_proto::service_names::USERS,
+    )
     .await
 }
 
 fn with_token(token: &str) -> Request<GetUserRequest> {
-    let mut request = Request::new(GetUserRequest::default());
-    if let Ok(value) = format!("Bearer {token}").parse() {
-        request.metadata_mut().insert("authorization", value);
-    }
-    request
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64
-}
-
-fn claims(sub: &str) -> Claims {
-    Claims {
-        iss: "mesh-auth".into(),
-        aud: vec!["mesh".into()],
-        sub: sub.into(),
-        email: None,
-        sid: None,
-        iat: now(),
-        nbf: now(),
-        exp: now() + 600,
-        jti: "jti".into(),
-    }
+    bearer(token, GetUserRequest::default())
 }
 
 fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
@@ -175,7 +127,7 @@ fn two_keys(dir: &Path) -> (std::path::PathBuf, KeyRing, std::path::PathBuf, Key
 async fn verifies_real_tokens_and_refuses_hostile_ones() {
     let data = tempfile::tempdir().expect("tempdir");
     let auth = start_auth_on(([127, 0, 0, 1], 0).into(), data.path(), vec![]).await;
-    let cache = Arc::new(JwksCache::new(auth.channel.clone(), "mesh-auth", "mesh"));
+    let cache = Arc::new(cache_on(auth.channel.clone()));
     let server = start_protected(cache.clone()).await;
     let mut users = UserServiceClient::new(server.channel.clone());
     let mut auth_client = AuthServiceClient::new(auth.channel.clone());
@@ -225,11 +177,11 @@ async fn verifies_real_tokens_and_refuses_hostile_ones() {
     let kid = ring.signing_kid().to_owned();
     let sign = |c: &Claims| ring.sign(c);
     let mut expired = claims("u");
-    expired.exp = now() - 120;
-    expired.iat = now() - 1000;
-    expired.nbf = now() - 1000;
+    expired.exp = unix_now() - 120;
+    expired.iat = unix_now() - 1000;
+    expired.nbf = unix_now() - 1000;
     let mut future = claims("u");
-    future.nbf = now() + 600;
+    future.nbf = unix_now() + 600;
     let mut wrong_aud = claims("u");
     wrong_aud.aud = vec!["elsewhere".into()];
     let mut wrong_iss = claims("u");
@@ -350,9 +302,7 @@ async fn refetches_keys_after_rotation() {
 
     let first = start_auth_on(([127, 0, 0, 1], 0).into(), data.path(), vec![old.clone()]).await;
     let addr = first.addr;
-    let cache = Arc::new(
-        JwksCache::new(connect(addr).await, "mesh-auth", "mesh").with_min_refetch(Duration::ZERO),
-    );
+    let cache = Arc::new(cache_on(connect(addr).await).with_min_refetch(Duration::ZERO));
     let old_token = old_ring.sign(&claims("old-user"));
     cache.verify(&old_token).await.expect("old key known");
     first.shutdown().await.expect("stopped");
@@ -379,7 +329,7 @@ async fn verified_tokens_are_cached_and_still_checked() {
     let first = start_auth_on(([127, 0, 0, 1], 0).into(), data.path(), vec![old.clone()]).await;
     let addr = first.addr;
     let cache = Arc::new(
-        JwksCache::new(connect(addr).await, "mesh-auth", "mesh")
+        cache_on(connect(addr).await)
             .with_min_refetch(Duration::ZERO)
             .with_leeway(Duration::ZERO),
     );
@@ -396,7 +346,7 @@ async fn verified_tokens_are_cached_and_still_checked() {
 
     // A cached token still expires.
     let short = old_ring.sign(&Claims {
-        exp: now() + 1,
+        exp: unix_now() + 1,
         ..claims("short-lived")
     });
     cache.verify(&short).await.expect("valid for a second");
@@ -427,7 +377,7 @@ async fn unreachable_auth_is_unavailable() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = closed.local_addr().expect("addr");
     drop(closed);
-    let cache = Arc::new(JwksCache::new(connect(addr).await, "mesh-auth", "mesh"));
+    let cache = Arc::new(cache_on(connect(addr).await));
     let server = start_protected(cache).await;
     let status = UserServiceClient::new(server.channel.clone())
         .get_user(with_token("a.b.c"))
@@ -443,37 +393,36 @@ async fn unreachable_auth_is_unavailable() {
 async fn balanced_channel_spreads_over_every_endpoint() {
     let data = tempfile::tempdir().expect("data");
     let auth = start_auth_on(([127, 0, 0, 1], 0).into(), data.path(), Vec::new()).await;
-    let cache = Arc::new(JwksCache::new(auth.channel.clone(), "mesh-auth", "mesh"));
+    let cache = Arc::new(cache_on(auth.channel.clone()));
     let mut servers = Vec::new();
     let mut echoes = Vec::new();
     // Three servers on three loopback addresses, as three pods behind a headless Service.
     for ip in [[127, 0, 0, 1], [127, 0, 0, 2], [127, 0, 0, 3]] {
-        let echo = Echo::default();
-        echoes.push(echo.clone());
-        servers.push(start_protected_on((ip, 0).into(), cache.clone(), echo).await);
+        let lists = Arc::new(AtomicUsize::new(0));
+        echoes.push(lists.clone());
+        servers.push(start_protected_on((ip, 0).into(), cache.clone(), &lists).await);
     }
     let resolved = Arc::new(std::sync::Mutex::new(
         servers.iter().map(|s| s.addr).collect::<Vec<_>>(),
     ));
     let answers = resolved.clone();
-    let resolve: mesh_authn::balance::Resolve = Box::new(move |host, _port| {
+    let resolve: mesh_runtime::client::Resolve = Box::new(move |host, _port| {
         assert_eq!(host, "users.mesh.svc.cluster.local");
         let addrs = answers.lock().expect("lock").clone();
         Box::pin(async move { Ok(addrs) })
     });
-    let channel = mesh_authn::balance::balanced_channel_with(
+    let channel = mesh_runtime::client::balanced_channel_with(
         &"http://users.mesh.svc.cluster.local:50053"
             .parse()
             .expect("uri"),
+        &mesh_runtime::tls::ClientTls::default(),
         Duration::from_millis(100),
         resolve,
-    );
+    )
+    .expect("a plaintext channel");
     let mut client = UserServiceClient::new(channel);
-    let counts = |echoes: &[Echo]| -> Vec<usize> {
-        echoes
-            .iter()
-            .map(|e| e.lists.load(std::sync::atomic::Ordering::SeqCst))
-            .collect()
+    let counts = |echoes: &[Arc<AtomicUsize>]| -> Vec<usize> {
+        echoes.iter().map(|e| e.load(Ordering::SeqCst)).collect()
     };
     // The first endpoints appear after the first resolution.
     for _ in 0..300 {

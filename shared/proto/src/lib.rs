@@ -5,6 +5,70 @@
 //! relaxed on the generated modules only.
 
 pub mod codec;
+pub mod rules;
+
+/// Metadata keys of the mesh's calls, spelled once.
+pub mod headers {
+    /// The bearer token: `authorization: Bearer <access token>`.
+    pub const AUTHORIZATION: &str = "authorization";
+    /// The request id, taken from the caller or made, echoed, passed downstream.
+    pub const REQUEST_ID: &str = "x-request-id";
+    /// W3C trace context.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// W3C trace state.
+    pub const TRACESTATE: &str = "tracestate";
+    /// The caller's deadline (`<digits><unit>`).
+    pub const GRPC_TIMEOUT: &str = "grpc-timeout";
+    /// Seconds to wait before retrying a RESOURCE_EXHAUSTED call.
+    pub const RETRY_AFTER: &str = "retry-after";
+    /// Response metadata of users' `WatchUsers`: the log's position when the stream began.
+    pub const LOG_HEAD: &str = "x-mesh-log-head";
+    /// The gRPC status code, in trailers (or headers of a trailers-only answer).
+    pub const GRPC_STATUS: &str = "grpc-status";
+
+    /// The same names as typed HTTP header names, for tower and http layers.
+    pub mod name {
+        use tonic::codegen::http::HeaderName;
+
+        /// [`super::AUTHORIZATION`].
+        pub const AUTHORIZATION: HeaderName = HeaderName::from_static(super::AUTHORIZATION);
+        /// [`super::REQUEST_ID`].
+        pub const REQUEST_ID: HeaderName = HeaderName::from_static(super::REQUEST_ID);
+        /// [`super::TRACEPARENT`].
+        pub const TRACEPARENT: HeaderName = HeaderName::from_static(super::TRACEPARENT);
+        /// [`super::TRACESTATE`].
+        pub const TRACESTATE: HeaderName = HeaderName::from_static(super::TRACESTATE);
+        /// [`super::GRPC_TIMEOUT`].
+        pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static(super::GRPC_TIMEOUT);
+        /// [`super::GRPC_STATUS`].
+        pub const GRPC_STATUS: HeaderName = HeaderName::from_static(super::GRPC_STATUS);
+        /// [`super::RETRY_AFTER`].
+        pub const RETRY_AFTER: HeaderName = HeaderName::from_static(super::RETRY_AFTER);
+        /// [`super::LOG_HEAD`].
+        pub const LOG_HEAD: HeaderName = HeaderName::from_static(super::LOG_HEAD);
+    }
+
+    /// `RESOURCE_EXHAUSTED` with `message`, and, when the caller may try again after a known
+    /// wait, its whole seconds (at least 1) in [`RETRY_AFTER`]: how every mesh service says
+    /// "slow down".
+    pub fn resource_exhausted(
+        message: impl Into<String>,
+        retry_after: Option<std::time::Duration>,
+    ) -> tonic::Status {
+        let mut status = tonic::Status::resource_exhausted(message);
+        if let Some(wait) = retry_after
+            && let Ok(value) = wait.as_secs().max(1).to_string().parse()
+        {
+            status.metadata_mut().insert(RETRY_AFTER, value);
+        }
+        status
+    }
+
+    /// Whole seconds of a wait as a caller is told it (at least 1).
+    pub fn retry_seconds(wait: std::time::Duration) -> u64 {
+        wait.as_secs().max(1)
+    }
+}
 
 /// `mesh.auth.v1`: credentials, sessions, signing keys and tokens.
 pub mod auth {
@@ -176,6 +240,11 @@ pub mod time {
             seconds: unix_ms.div_euclid(1000),
             nanos: i32::try_from(unix_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
         }
+    }
+
+    /// Now, in Unix seconds.
+    pub fn unix_now() -> i64 {
+        unix_now_ms().div_euclid(1000)
     }
 
     /// Now, in Unix milliseconds.

@@ -33,6 +33,25 @@ pub fn parse_or_exit<P: clap::Parser>() -> P {
     }
 }
 
+/// The defaults of a flag group: what an empty command line parses to, environment
+/// variables ignored. A config's [`Default`] is this, so each default is written once, in its
+/// flag's attribute.
+///
+/// # Panics
+///
+/// If a flag of `T` is required or its default does not parse: a bug that every test using
+/// the config's `Default` finds.
+pub fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let command = T::augment_args(clap::Command::new("defaults")).mut_args(|arg| arg.env(None));
+    let parsed = command
+        .try_get_matches_from(["defaults"])
+        .and_then(|matches| T::from_arg_matches(&matches));
+    match parsed {
+        Ok(config) => config,
+        Err(err) => panic!("the flag defaults do not parse: {err}"),
+    }
+}
+
 /// Runs `main` on a multi-threaded runtime; logs the error's whole cause chain and returns
 /// exit code 1 if it fails.
 pub fn block_on<E, F>(main: F) -> ExitCode
@@ -53,20 +72,8 @@ where
     match runtime.block_on(main) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!(error = %error_chain(&err), "exiting on error");
+            tracing::error!(error = %mesh_telemetry::error_chain(&err), "exiting on error");
             ExitCode::FAILURE
         }
     }
-}
-
-/// `error: cause: cause…` on one line.
-pub fn error_chain(err: &dyn StdError) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -1,26 +1,26 @@
 //! `grpc.health.v1.Health` with the names and meanings of the mesh's contract.
 //!
-//! Three names are known:
+//! Four names are known:
 //! - `""` (the whole server) and the server's own fully qualified service name share one
-//!   readiness status: `NOT_SERVING` while starting, `SERVING` once the service says it is
-//!   ready, `NOT_SERVING` again while a dependency is down or while draining on shutdown;
+//!   status: `NOT_SERVING` while starting, `SERVING` once the server takes calls and the service
+//!   says its dependencies are there, `NOT_SERVING` again while a dependency is down or while
+//!   draining on shutdown — for monitoring;
+//! - `readiness` is `SERVING` from the moment the server takes calls until it starts draining,
+//!   whatever its dependencies say — for readiness probes: one dependency's outage must not take
+//!   every replica out of its Service (calls that need the missing dependency answer
+//!   `UNAVAILABLE` at once);
 //! - `liveness` is `SERVING` for as long as the process works at all, so a liveness probe never
 //!   restarts a pod that is merely not ready.
 //!
-//! Any other name is `NOT_FOUND` for `Check`; for `Watch` it is a `SERVICE_UNKNOWN` message on
-//! an open stream, as the health protocol says (tonic-health's own service ends the stream with
-//! `NOT_FOUND` instead, which is why the mesh has its own).
+//! Any other name is `NOT_FOUND` for `Check` (the name is not echoed whole: at most its first
+//! 64 characters); for `Watch` it is a `SERVICE_UNKNOWN` message on an open stream, as the
+//! health protocol says (tonic-health's own service ends the stream with `NOT_FOUND` instead,
+//! which is why the mesh has its own).
 //!
 //! `Watch` streams are long-lived: they end when the server drains, after they have sent the
 //! final `NOT_SERVING`.
 
-use std::{
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-};
+use std::{pin::Pin, sync::Arc};
 
 use futures_util::{Stream, StreamExt as _};
 use tokio::sync::watch;
@@ -34,6 +34,39 @@ use crate::drain::Drain;
 
 /// The health name a liveness probe asks for.
 pub const LIVENESS: &str = "liveness";
+/// The health name a readiness probe asks for.
+pub const READINESS: &str = "readiness";
+/// How much of an unknown name an error message shows.
+const SHOWN_NAME_CHARS: usize = 64;
+
+/// What the statuses are made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct State {
+    /// The server takes calls.
+    started: bool,
+    /// The service's dependencies are there (as it last said).
+    dependencies: bool,
+    /// Draining on shutdown: for good.
+    draining: bool,
+}
+
+impl State {
+    fn overall(self) -> ServingStatus {
+        serving(self.started && self.dependencies && !self.draining)
+    }
+
+    fn readiness(self) -> ServingStatus {
+        serving(self.started && !self.draining)
+    }
+}
+
+fn serving(yes: bool) -> ServingStatus {
+    if yes {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    }
+}
 
 /// The health state of one server, cheap to clone and share with the service that owns it.
 #[derive(Debug, Clone)]
@@ -44,49 +77,52 @@ pub struct Health {
 #[derive(Debug)]
 struct Inner {
     service_name: &'static str,
-    readiness: watch::Sender<ServingStatus>,
-    draining: AtomicBool,
+    state: watch::Sender<State>,
     drain: Drain,
 }
 
 impl Health {
     /// A new health state for `service_name`: not serving (still starting), live.
     pub fn new(service_name: &'static str, drain: Drain) -> Self {
-        let (readiness, _) = watch::channel(ServingStatus::NotServing);
+        let (state, _) = watch::channel(State::default());
         Self {
             inner: Arc::new(Inner {
                 service_name,
-                readiness,
-                draining: AtomicBool::new(false),
+                state,
                 drain,
             }),
         }
     }
 
-    /// Marks the server ready (`SERVING`) or not (`NOT_SERVING`), for `""` and the service
-    /// name. Once draining has begun the server stays `NOT_SERVING`, whatever is said here.
-    pub fn set_ready(&self, ready: bool) {
-        let status = if ready && !self.inner.draining.load(Ordering::SeqCst) {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
-        self.inner.readiness.send_if_modified(|current| {
-            let changed = *current != status;
-            *current = status;
-            changed
+    fn update(&self, change: impl FnOnce(&mut State)) {
+        self.inner.state.send_if_modified(|state| {
+            let before = *state;
+            change(state);
+            *state != before
         });
     }
 
-    /// Whether the server currently says it is ready.
-    pub fn is_ready(&self) -> bool {
-        *self.inner.readiness.borrow() == ServingStatus::Serving
+    /// Says whether the service's dependencies are there: `""` and the service name are
+    /// `SERVING` while they are (and the server takes calls). Once draining has begun the
+    /// server stays `NOT_SERVING`, whatever is said here.
+    pub fn set_ready(&self, ready: bool) {
+        self.update(|state| state.dependencies = ready);
     }
 
-    /// Flips to `NOT_SERVING` for good: the server is draining.
+    /// Marks the server as taking calls (done by [`crate::serve`] once it listens): `readiness`
+    /// turns `SERVING`.
+    pub fn mark_started(&self) {
+        self.update(|state| state.started = true);
+    }
+
+    /// Whether `""` and the service name currently say `SERVING`.
+    pub fn is_ready(&self) -> bool {
+        self.inner.state.borrow().overall() == ServingStatus::Serving
+    }
+
+    /// Flips every name but `liveness` to `NOT_SERVING` for good: the server is draining.
     pub fn begin_draining(&self) {
-        self.inner.draining.store(true, Ordering::SeqCst);
-        self.set_ready(false);
+        self.update(|state| state.draining = true);
     }
 
     /// The service name this health state reports for.
@@ -104,8 +140,10 @@ impl Health {
     fn lookup(&self, name: &str) -> Option<Known> {
         if name == LIVENESS {
             Some(Known::Liveness)
-        } else if name.is_empty() || name == self.inner.service_name {
+        } else if name == READINESS {
             Some(Known::Readiness)
+        } else if name.is_empty() || name == self.inner.service_name {
+            Some(Known::Overall)
         } else {
             None
         }
@@ -116,6 +154,28 @@ impl Health {
 enum Known {
     Liveness,
     Readiness,
+    Overall,
+}
+
+impl Known {
+    fn status(self, state: State) -> ServingStatus {
+        match self {
+            Self::Liveness => ServingStatus::Serving,
+            Self::Readiness => state.readiness(),
+            Self::Overall => state.overall(),
+        }
+    }
+}
+
+/// At most the first [`SHOWN_NAME_CHARS`] characters of a name, for an error message.
+fn shown(name: &str) -> String {
+    let mut chars = name.chars();
+    let head: String = chars.by_ref().take(SHOWN_NAME_CHARS).collect();
+    if chars.next().is_some() {
+        format!("{head}…")
+    } else {
+        head
+    }
 }
 
 /// The `grpc.health.v1.Health` implementation made by [`Health::service`].
@@ -142,12 +202,14 @@ impl tonic_health::pb::health_server::Health for HealthService {
     ) -> Result<Response<HealthCheckResponse>, Status> {
         let name = request.into_inner().service;
         match self.health.lookup(&name) {
-            Some(Known::Liveness) => Ok(Response::new(reply(ServingStatus::Serving))),
-            Some(Known::Readiness) => {
-                let status = *self.health.inner.readiness.borrow();
-                Ok(Response::new(reply(status)))
+            Some(known) => {
+                let state = *self.health.inner.state.borrow();
+                Ok(Response::new(reply(known.status(state))))
             }
-            None => Err(Status::not_found(format!("unknown service name `{name}`"))),
+            None => Err(Status::not_found(format!(
+                "unknown service name `{}`",
+                shown(&name)
+            ))),
         }
     }
 
@@ -160,38 +222,42 @@ impl tonic_health::pb::health_server::Health for HealthService {
         let name = request.into_inner().service;
         let drain = self.health.inner.drain.clone();
         let stream: WatchStream = match self.health.lookup(&name) {
-            Some(Known::Readiness) => Box::pin(watch_readiness(
-                self.health.inner.readiness.subscribe(),
+            Some(Known::Liveness) => Box::pin(once_then_hold(ServingStatus::Serving, drain)),
+            Some(known) => Box::pin(watch_status(
+                self.health.inner.state.subscribe(),
+                known,
                 drain,
             )),
-            Some(Known::Liveness) => Box::pin(once_then_hold(ServingStatus::Serving, drain)),
             None => Box::pin(once_then_hold(ServingStatus::ServiceUnknown, drain)),
         };
         Ok(Response::new(stream))
     }
 }
 
-/// Sends the current readiness and every change; after the drain began, sends the last status
-/// (if not yet sent) and ends.
-fn watch_readiness(
-    rx: watch::Receiver<ServingStatus>,
+/// Sends the current status of `known` and every change; after the drain began, sends the last
+/// status (if not yet sent) and ends.
+fn watch_status(
+    rx: watch::Receiver<State>,
+    known: Known,
     drain: Drain,
 ) -> impl Stream<Item = Result<HealthCheckResponse, Status>> + Send + 'static {
-    struct State {
-        rx: watch::Receiver<ServingStatus>,
+    struct Watching {
+        rx: watch::Receiver<State>,
+        known: Known,
         drain: Drain,
         last: Option<ServingStatus>,
         ending: bool,
     }
-    let state = State {
+    let state = Watching {
         rx,
+        known,
         drain,
         last: None,
         ending: false,
     };
     futures_util::stream::unfold(state, |mut st| async move {
         loop {
-            let current = *st.rx.borrow_and_update();
+            let current = st.known.status(*st.rx.borrow_and_update());
             if st.last != Some(current) {
                 st.last = Some(current);
                 return Some((Ok(reply(current)), st));

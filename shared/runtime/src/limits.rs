@@ -1,14 +1,15 @@
-//! The request size limit, answered with `RESOURCE_EXHAUSTED`.
+//! The request size limit of streamed requests, answered with `RESOURCE_EXHAUSTED`.
 //!
 //! tonic refuses an oversized message with `OUT_OF_RANGE`; the contract says
 //! `RESOURCE_EXHAUSTED`, and `OUT_OF_RANGE` already means something else in the mesh (a resume
-//! position beyond the log). So the limit is enforced before tonic decodes anything: the request
-//! body is read through [`LimitedBody`], which follows the gRPC framing (a 1-byte flag and a
-//! 4-byte big-endian length before each message) and fails the body with a
-//! `RESOURCE_EXHAUSTED` status as soon as a frame announces more than the limit. tonic passes a
-//! body error that is a `Status` on as that status, and the connection goes on serving.
+//! position beyond the log). So the limit is enforced before tonic decodes anything. One-message
+//! requests are read whole by [`crate::admission`]; the bodies of client-streaming calls are read
+//! through [`LimitedBody`], which follows the gRPC framing (a 1-byte flag and a 4-byte big-endian
+//! length before each message) and fails the body with a `RESOURCE_EXHAUSTED` status as soon as
+//! a frame announces more than the limit. tonic passes a body error that is a `Status` on as that
+//! status, and the connection goes on serving.
 //!
-//! Generated servers must still be given the same limit as their own
+//! Generated servers must still be given the largest limit as their own
 //! `max_decoding_message_size`, or tonic's 4 MiB default would cap a larger configured limit.
 
 use std::{
@@ -17,65 +18,13 @@ use std::{
 };
 
 use bytes::{Buf as _, Bytes};
-use http::Request;
 use http_body::{Body, Frame, SizeHint};
 use tonic::Status;
-use tower::{Layer, Service};
 
 /// The size of a gRPC message's frame header.
-const HEADER_LEN: usize = 5;
+pub(crate) const HEADER_LEN: usize = 5;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
-
-/// A tower layer that limits every request message to `max_bytes`.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestSizeLimitLayer {
-    max_bytes: usize,
-}
-
-impl RequestSizeLimitLayer {
-    /// Limits each request message to `max_bytes`.
-    pub fn new(max_bytes: usize) -> Self {
-        Self { max_bytes }
-    }
-}
-
-impl<S> Layer<S> for RequestSizeLimitLayer {
-    type Service = RequestSizeLimit<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RequestSizeLimit {
-            inner,
-            max_bytes: self.max_bytes,
-        }
-    }
-}
-
-/// The service made by [`RequestSizeLimitLayer`].
-#[derive(Debug, Clone)]
-pub struct RequestSizeLimit<S> {
-    inner: S,
-    max_bytes: usize,
-}
-
-impl<S> Service<Request<tonic::body::Body>> for RequestSizeLimit<S>
-where
-    S: Service<Request<tonic::body::Body>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
-        let max_bytes = self.max_bytes;
-        self.inner
-            .call(request.map(|body| tonic::body::Body::new(LimitedBody::new(body, max_bytes))))
-    }
-}
 
 pin_project_lite::pin_project! {
     /// A request body that fails with `RESOURCE_EXHAUSTED` when a gRPC frame announces a message
@@ -159,7 +108,8 @@ where
                     && let Some(len) = this.framing.scan(data, *this.max_bytes)
                 {
                     let status = Status::resource_exhausted(format!(
-                        "request message of {len} bytes is larger than the limit of {} bytes",
+                        "request message of {len} bytes is larger than this method's limit of \
+                         {} bytes",
                         this.max_bytes
                     ));
                     return Poll::Ready(Some(Err(Box::new(status))));

@@ -1,15 +1,19 @@
 //! Binding, assembling and running one mesh server, and its graceful shutdown.
 
-use std::{future::Future, io, net::SocketAddr, time::Duration};
+use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 
+use prost::Message as _;
 use tokio::net::TcpListener;
-use tonic::{server::NamedService, service::Routes, transport::server::TcpIncoming};
+use tonic::{server::NamedService, service::Routes};
 
 use crate::{
     ServerConfig,
-    drain::{Drain, InFlight, InFlightLayer, Shed},
+    admission::{Admission, AdmissionLayer, MethodLimits, MethodPolicy, Quota},
+    conn::{self, ConnLimits},
+    drain::{Drain, InFlight},
     health::Health,
-    limits::RequestSizeLimitLayer,
+    reflection::{ReflectionV1, ReflectionV1Alpha},
+    tls::{ServerTls, TLS_RELOAD_INTERVAL},
 };
 
 /// The shortest drain: how long a draining server keeps serving even with nothing in flight
@@ -37,6 +41,15 @@ pub enum ServeError {
     /// The serving task panicked.
     #[error("the server task failed")]
     Task(#[from] tokio::task::JoinError),
+    /// The TLS certificate, key or CA could not be loaded.
+    #[error("TLS")]
+    Tls(#[from] crate::tls::TlsError),
+    /// A channel to another service could not be made (e.g. an `https://` URL without a CA).
+    #[error("cannot reach another service")]
+    Channel(#[from] crate::client::ChannelError),
+    /// The service's declaration does not match its contract (a bug caught at start-up).
+    #[error("the service declaration does not match its descriptors: {0}")]
+    Spec(String),
 }
 
 /// Binds a TCP listener on `addr` (port 0 picks a free port).
@@ -75,8 +88,19 @@ impl Lifecycle {
     }
 }
 
-/// The largest header list (all of a request's metadata) a server accepts.
+/// The largest header list (all of a request's metadata) a server accepts: room for the
+/// longest token a verifier looks at (8 KiB; a few hundred bytes in practice), trace context
+/// and request id, so an over-long token is still answered UNAUTHENTICATED.
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// What one client connection may send before the server reads it (HTTP/2 flow control): the
+/// memory a connection can make the server hold in unread request data.
+pub const CONNECTION_WINDOW_BYTES: u32 = 256 * 1024;
+/// The same per stream.
+pub const STREAM_WINDOW_BYTES: u32 = 64 * 1024;
+/// The largest health request: a service name.
+pub const MAX_HEALTH_REQUEST_BYTES: usize = 1024;
+/// The largest reflection request message: a symbol or file name.
+pub const MAX_REFLECTION_REQUEST_BYTES: usize = 16 * 1024;
 
 /// What a service hands to [`serve`]: its tonic service and its contract's descriptors.
 #[derive(Debug)]
@@ -85,6 +109,8 @@ pub struct ServiceSpec {
     descriptor_set: &'static [u8],
     routes: Routes,
     long_lived: &'static [&'static str],
+    public: &'static [&'static str],
+    limits: &'static [(&'static str, usize)],
 }
 
 impl ServiceSpec {
@@ -108,6 +134,8 @@ impl ServiceSpec {
             descriptor_set,
             routes: Routes::new(svc),
             long_lived: &[],
+            public: &[],
+            limits: &[],
         }
     }
 
@@ -116,6 +144,115 @@ impl ServiceSpec {
     pub fn long_lived(mut self, methods: &'static [&'static str]) -> Self {
         self.long_lived = methods;
         self
+    }
+
+    /// Names the methods the service's authentication layer lets through without a token
+    /// (the same list it was built with), so that a misspelt or removed name stops the server
+    /// at start-up instead of silently guarding nothing — or everything.
+    pub fn public(mut self, methods: &'static [&'static str]) -> Self {
+        self.public = methods;
+        self
+    }
+
+    /// Declares the largest request message of each method (by name), where the server-wide
+    /// `--max-request-bytes` is far more than the method needs. A method not listed takes the
+    /// server-wide limit; a method's limit is never above it.
+    pub fn request_limits(mut self, limits: &'static [(&'static str, usize)]) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The service's methods as its descriptor set declares them: `(name, client_streaming,
+    /// server_streaming)`.
+    pub fn methods(&self) -> Result<Vec<(String, bool, bool)>, ServeError> {
+        let set = prost_types::FileDescriptorSet::decode(self.descriptor_set)
+            .map_err(|e| ServeError::Spec(format!("descriptor set: {e}")))?;
+        let service = set
+            .file
+            .iter()
+            .flat_map(|file| {
+                file.service
+                    .iter()
+                    .map(move |service| (file.package(), service))
+            })
+            .find(|(package, service)| format!("{package}.{}", service.name()) == self.name)
+            .map(|(_, service)| service)
+            .ok_or_else(|| ServeError::Spec(format!("no service {} in it", self.name)))?;
+        Ok(service
+            .method
+            .iter()
+            .map(|m| {
+                (
+                    m.name().to_owned(),
+                    m.client_streaming(),
+                    m.server_streaming(),
+                )
+            })
+            .collect())
+    }
+
+    /// Checks that every method the declaration names exists, and builds the per-method
+    /// policies of the service, health and reflection.
+    fn policies(&self, config: &ServerConfig) -> Result<MethodLimits, ServeError> {
+        let methods = self.methods()?;
+        let known = |name: &str| methods.iter().any(|(m, _, _)| m == name);
+        for name in self
+            .long_lived
+            .iter()
+            .chain(self.public)
+            .chain(self.limits.iter().map(|(name, _)| name))
+        {
+            if !known(name) {
+                return Err(ServeError::Spec(format!(
+                    "{} has no method {name}",
+                    self.name
+                )));
+            }
+        }
+        let mut policies = MethodLimits::default();
+        for (name, client_streaming, server_streaming) in methods {
+            let limit = self
+                .limits
+                .iter()
+                .find(|(m, _)| *m == name)
+                .map_or(config.max_request_bytes, |(_, limit)| {
+                    (*limit).min(config.max_request_bytes)
+                });
+            let long_lived = self.long_lived.contains(&name.as_str());
+            policies.insert(
+                format!("/{}/{name}", self.name),
+                MethodPolicy {
+                    max_request_bytes: limit,
+                    client_streaming,
+                    server_streaming,
+                    shed: !long_lived && !client_streaming,
+                    counted: true,
+                },
+            );
+        }
+        let infrastructure = |max_request_bytes, client_streaming| MethodPolicy {
+            max_request_bytes,
+            client_streaming,
+            server_streaming: true,
+            shed: false,
+            counted: false,
+        };
+        for path in [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.health.v1.Health/Watch",
+        ] {
+            policies.insert(
+                path.to_owned(),
+                infrastructure(MAX_HEALTH_REQUEST_BYTES, false),
+            );
+        }
+        for version in ["v1", "v1alpha"] {
+            policies.insert(
+                format!("/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"),
+                infrastructure(MAX_REFLECTION_REQUEST_BYTES, true),
+            );
+        }
+        Ok(policies)
     }
 }
 
@@ -134,7 +271,8 @@ fn reflection_builder(spec: &ServiceSpec) -> tonic_reflection::server::Builder<'
 }
 
 /// Serves `spec` with health, reflection, limits and request ids on `listener` until
-/// `shutdown` completes, then drains gracefully.
+/// `shutdown` completes, then drains gracefully. Health's `readiness` turns `SERVING` once the
+/// server listens.
 ///
 /// The drain: health turns `NOT_SERVING` (`liveness` stays `SERVING`), the [`Drain`] fires so
 /// long-lived streams end, and the server keeps serving for at least [`DRAIN_SETTLE`] and then
@@ -147,20 +285,79 @@ pub async fn serve(
     config: &ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let reflection_v1 = reflection_builder(&spec).build_v1()?;
-    let reflection_v1alpha = reflection_builder(&spec).build_v1alpha()?;
-    let max = config.max_request_bytes;
+    let policies = Arc::new(spec.policies(config)?);
+    let reflection_v1 =
+        tonic_reflection::pb::v1::server_reflection_server::ServerReflectionServer::new(
+            ReflectionV1::new(reflection_builder(&spec).build_v1()?),
+        )
+        .max_decoding_message_size(MAX_REFLECTION_REQUEST_BYTES);
+    let reflection_v1alpha =
+        tonic_reflection::pb::v1alpha::server_reflection_server::ServerReflectionServer::new(
+            ReflectionV1Alpha::new(reflection_builder(&spec).build_v1alpha()?),
+        )
+        .max_decoding_message_size(MAX_REFLECTION_REQUEST_BYTES);
     let routes = spec
         .routes
-        .add_service(lifecycle.health.service().max_decoding_message_size(max))
-        .add_service(reflection_v1.max_decoding_message_size(max))
-        .add_service(reflection_v1alpha.max_decoding_message_size(max));
+        .add_service(
+            lifecycle
+                .health
+                .service()
+                .max_decoding_message_size(MAX_HEALTH_REQUEST_BYTES),
+        )
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
 
+    let tls = config.tls_files().map(ServerTls::load).transpose()?;
+    let reloading = match &tls {
+        None => {
+            tracing::warn!(
+                service = spec.name,
+                "serving plaintext: no --tls-cert, so calls to this server are not encrypted"
+            );
+            None
+        }
+        Some(tls) => {
+            tracing::info!(service = spec.name, mutual = tls.mutual(), "serving TLS");
+            Some(AbortOnDrop(tokio::spawn(
+                tls.clone().watch(TLS_RELOAD_INTERVAL),
+            )))
+        }
+    };
+    let probes = match config.health_listen {
+        None => None,
+        Some(addr) => Some(serve_probes(
+            bind(addr).await?,
+            lifecycle,
+            config,
+            spec.name,
+        )),
+    };
     let in_flight = InFlight::new();
     let local_addr = listener.local_addr().ok();
-    // Accepted sockets get TCP_NODELAY: without it small stream messages wait on Nagle's
-    // algorithm and delayed ACKs (tens of milliseconds per message on loopback).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = conn::incoming(
+        listener,
+        ConnLimits {
+            max_connections: usize::try_from(config.max_connections).unwrap_or(usize::MAX),
+            max_per_peer: usize::try_from(config.max_connections_per_peer).unwrap_or(usize::MAX),
+            handshake_timeout: config.handshake_timeout,
+            idle_timeout: config.max_connection_idle,
+            tls_handshakes_per_second: config.tls_handshakes_per_peer,
+        },
+        tls,
+    );
+    let admission = Admission {
+        methods: policies,
+        permits: Quota::new(
+            usize::try_from(config.concurrency_limit).unwrap_or(usize::MAX),
+            config.peer_share_percent,
+        ),
+        budget: Quota::new(
+            config.max_request_bytes_in_flight,
+            config.peer_share_percent,
+        ),
+        request_timeout: config.request_timeout,
+        in_flight: in_flight.clone(),
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
 
     let server = tonic::transport::Server::builder()
@@ -174,6 +371,9 @@ pub async fn serve(
         // that resets streams as fast as it opens them ("rapid reset") or makes the server reset
         // many is sent away.
         .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+        // Unread request data one connection (and one stream) can make the server buffer.
+        .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
+        .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
         .http2_max_pending_accept_reset_streams(Some(20))
         .http2_max_local_error_reset_streams(Some(256))
         // Outermost: every call, even one refused by a later layer, gets a request id...
@@ -181,24 +381,17 @@ pub async fn serve(
         // ...and a span carrying it and the caller's trace context, timed and exported (a shed
         // call shows as RESOURCE_EXHAUSTED).
         .layer(mesh_telemetry::ServerTraceLayer)
-        // Counts the service's calls, so the drain knows when the last one has finished.
-        .layer(InFlightLayer::new(
-            in_flight.clone(),
-            Some(Shed::new(
-                usize::try_from(config.concurrency_limit).unwrap_or(usize::MAX),
-                spec.long_lived
-                    .iter()
-                    .map(|method| format!("/{}/{method}", spec.name))
-                    .collect(),
-            )),
-        ))
-        // Innermost: refuses oversized messages before tonic decodes them.
-        .layer(RequestSizeLimitLayer::new(max))
+        // Innermost, right before tonic decodes: reads each request within its size limit, the
+        // byte budget and the request timeout, then takes a concurrency permit (or sheds), holds
+        // the caller's deadline, and counts the call for the drain. Health and reflection are
+        // only size-limited.
+        .layer(AdmissionLayer::new(admission))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });
     let mut server = tokio::spawn(server);
+    lifecycle.health.mark_started();
     tracing::info!(service = spec.name, addr = ?local_addr, "serving");
 
     tokio::select! {
@@ -252,6 +445,7 @@ pub async fn serve(
             );
         }
     }
+    drop((reloading, probes));
     if finished {
         tracing::info!(service = spec.name, "drained");
     } else {
@@ -262,4 +456,53 @@ pub async fn serve(
         );
     }
     Ok(())
+}
+
+/// The plaintext health-only port (`--health-listen`): `grpc.health.v1.Health` with the same
+/// states as the main port, a few connections and streams, nothing else. It serves until the
+/// main server has finished its drain, so probes see `NOT_SERVING` meanwhile.
+fn serve_probes(
+    listener: TcpListener,
+    lifecycle: &Lifecycle,
+    config: &ServerConfig,
+    service: &'static str,
+) -> AbortOnDrop<Result<(), tonic::transport::Error>> {
+    let addr = listener.local_addr().ok();
+    let incoming = conn::incoming(
+        listener,
+        ConnLimits {
+            max_connections: 64,
+            // Probes come from the node's address, a connection at a time: one other client
+            // cannot take every slot.
+            max_per_peer: 8,
+            handshake_timeout: config.handshake_timeout,
+            // The kubelet connects for each probe; nothing need stay open long.
+            idle_timeout: config.max_connection_idle.min(Duration::from_secs(5)),
+            tls_handshakes_per_second: 0,
+        },
+        None,
+    );
+    let health = lifecycle
+        .health
+        .service()
+        .max_decoding_message_size(MAX_HEALTH_REQUEST_BYTES);
+    tracing::info!(service, ?addr, "serving health in plaintext for probes");
+    AbortOnDrop(tokio::spawn(
+        tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(8))
+            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+            .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
+            .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+            .add_service(health)
+            .serve_with_incoming(incoming),
+    ))
+}
+
+/// Aborts a background task when the server that started it stops.
+struct AbortOnDrop<T = ()>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -85,6 +85,21 @@ pub async fn connect(addr: SocketAddr) -> Channel {
         .connect_lazy()
 }
 
+/// Another loopback source address than the default `127.0.0.1`: a second client machine, as
+/// far as a server's per-peer bounds can tell.
+pub const OTHER_PEER: std::net::IpAddr =
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+
+/// A channel to `addr` whose connections come from the source address `from` (e.g.
+/// [`OTHER_PEER`]).
+pub fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("valid endpoint")
+        .connect_timeout(Duration::from_secs(5))
+        .local_address(Some(from))
+        .connect_lazy()
+}
+
 /// The health status (as the protocol's number) the server reports for `name`.
 pub async fn health_status(channel: &Channel, name: &str) -> Result<i32, Status> {
     HealthClient::new(channel.clone())

@@ -5,18 +5,16 @@
 use std::{sync::Arc, time::Duration};
 
 use mesh_proto::users::v1::{
-    BatchGetUsersRequest, BatchGetUsersResponse, CreateUserRequest, DeleteUserRequest,
-    DeleteUserResponse, GetUserRequest, ListUsersRequest, ListUsersResponse, UpdateUserRequest,
-    User, UserEvent, WatchUsersRequest,
-    user_service_client::UserServiceClient,
-    user_service_server::{UserService, UserServiceServer},
+    CreateUserRequest, GetUserRequest, User, WatchUsersRequest,
+    user_service_client::UserServiceClient, user_service_server::UserServiceServer,
 };
-use mesh_runtime::{
-    Lifecycle, ServerConfig, ServiceSpec,
-    testing::{TestServer, assert_standard_server, connect, health_status},
+use mesh_runtime::{Lifecycle, ServerConfig, ServiceSpec};
+use mesh_testkit::{
+    OTHER_PEER, TestServer, UsersDouble, assert_standard_server, connect, connect_from,
+    health_status,
 };
 use tokio::sync::{Notify, mpsc};
-use tonic::{Code, Request, Response, Status};
+use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -25,60 +23,6 @@ const NAME: &str = "mesh.users.v1.UserService";
 const SERVING: i32 = ServingStatus::Serving as i32;
 const NOT_SERVING: i32 = ServingStatus::NotServing as i32;
 
-/// A users service whose `GetUser` reports that it started and then waits to be released, and
-/// whose `CreateUser` echoes the user back.
-#[derive(Clone)]
-struct Slow {
-    started: mpsc::UnboundedSender<()>,
-    release: Arc<Notify>,
-}
-
-#[tonic::async_trait]
-impl UserService for Slow {
-    async fn create_user(
-        &self,
-        request: Request<CreateUserRequest>,
-    ) -> Result<Response<User>, Status> {
-        Ok(Response::new(request.into_inner().user.unwrap_or_default()))
-    }
-    async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<User>, Status> {
-        let _ = self.started.send(());
-        self.release.notified().await;
-        Ok(Response::new(User {
-            id: request.into_inner().id,
-            ..User::default()
-        }))
-    }
-    async fn batch_get_users(
-        &self,
-        _: Request<BatchGetUsersRequest>,
-    ) -> Result<Response<BatchGetUsersResponse>, Status> {
-        Err(Status::unimplemented("test"))
-    }
-    async fn list_users(
-        &self,
-        _: Request<ListUsersRequest>,
-    ) -> Result<Response<ListUsersResponse>, Status> {
-        Err(Status::unimplemented("test"))
-    }
-    async fn update_user(&self, _: Request<UpdateUserRequest>) -> Result<Response<User>, Status> {
-        Err(Status::unimplemented("test"))
-    }
-    async fn delete_user(
-        &self,
-        _: Request<DeleteUserRequest>,
-    ) -> Result<Response<DeleteUserResponse>, Status> {
-        Err(Status::unimplemented("test"))
-    }
-    type WatchUsersStream = tokio_stream::Empty<Result<UserEvent, Status>>;
-    async fn watch_users(
-        &self,
-        _: Request<WatchUsersRequest>,
-    ) -> Result<Response<Self::WatchUsersStream>, Status> {
-        Err(Status::unimplemented("test"))
-    }
-}
-
 struct Harness {
     server: TestServer,
     lifecycle: Lifecycle,
@@ -86,14 +30,35 @@ struct Harness {
     release: Arc<Notify>,
 }
 
-async fn start(config: ServerConfig, ready: bool) -> Harness {
-    let lifecycle = Lifecycle::new(NAME);
+/// A users service whose `GetUser` reports on `started` that it started and then waits to be
+/// released, and whose `CreateUser` echoes the user back.
+fn slow() -> (UsersDouble, mpsc::UnboundedReceiver<()>, Arc<Notify>) {
     let (started_tx, started) = mpsc::unbounded_channel();
     let release = Arc::new(Notify::new());
-    let svc = Slow {
-        started: started_tx,
-        release: release.clone(),
-    };
+    let svc = UsersDouble::new()
+        .create_user(|request: tonic::Request<CreateUserRequest>| async move {
+            Ok(request.into_inner().user.unwrap_or_default())
+        })
+        .get_user({
+            let release = release.clone();
+            move |request: tonic::Request<GetUserRequest>| {
+                let _ = started_tx.send(());
+                let release = release.clone();
+                async move {
+                    release.notified().await;
+                    Ok(User {
+                        id: request.into_inner().id,
+                        ..User::default()
+                    })
+                }
+            }
+        });
+    (svc, started, release)
+}
+
+async fn start(config: ServerConfig, ready: bool) -> Harness {
+    let lifecycle = Lifecycle::new(NAME);
+    let (svc, started, release) = slow();
     if ready {
         lifecycle.health().set_ready(true);
     }
@@ -120,6 +85,9 @@ fn config(grace: Duration, max_request_bytes: usize) -> ServerConfig {
     ServerConfig {
         max_request_bytes,
         grace_period: grace,
+        // These tests call from one address; the per-address share has tests of its own (the
+        // abuse suite).
+        peer_share_percent: 100,
         ..ServerConfig::default()
     }
 }
@@ -479,7 +447,8 @@ fn raw_get_user(
 }
 
 async fn still_serves(harness: &Harness) {
-    let fresh = connect(harness.server.addr).await;
+    // A well-behaved client on another machine (the abuser's own address has its own bounds).
+    let fresh = connect_from(harness.server.addr, OTHER_PEER);
     let status = tokio::time::timeout(Duration::from_secs(10), health_status(&fresh, NAME))
         .await
         .expect("a well-behaved client is answered");
@@ -536,15 +505,50 @@ async fn http2_abuse_leaves_others_served() {
     );
     still_serves(&harness).await;
 
-    // Many idle connections.
+    // Many idle connections (beyond the per-peer bound, the rest are closed at once).
     let mut idle = Vec::new();
     for _ in 0..300 {
         let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let (send, connection) = h2::client::handshake(tcp).await.expect("handshake");
-        tokio::spawn(connection);
-        idle.push(send);
+        if let Ok((send, connection)) = h2::client::handshake(tcp).await {
+            tokio::spawn(connection);
+            idle.push(send);
+        }
     }
     still_serves(&harness).await;
     drop(idle);
     harness.server.shutdown().await.expect("stops");
+}
+
+/// Every method name a service declares (long-lived, public, with a request limit) must be in
+/// its contract: a misspelt one stops the server before it serves anything.
+#[tokio::test]
+async fn unknown_method_names_stop_the_server() {
+    type Spec = fn(ServiceSpec) -> ServiceSpec;
+    let cases: [(&str, Spec); 3] = [
+        ("WatchUser", |spec| spec.long_lived(&["WatchUser"])),
+        ("ListUser", |spec| spec.public(&["ListUser"])),
+        ("GetUsers", |spec| {
+            spec.request_limits(&[("GetUsers", 1024)])
+        }),
+    ];
+    for (name, declare) in cases {
+        let (svc, _started, _release) = slow();
+        let spec = declare(ServiceSpec::new(
+            UserServiceServer::new(svc),
+            mesh_proto::descriptor_sets::USERS,
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let lifecycle = Lifecycle::new(NAME);
+        let config = config(Duration::from_secs(1), 4096);
+        let served = tokio::time::timeout(
+            Duration::from_secs(10),
+            mesh_runtime::serve(listener, spec, &lifecycle, &config, std::future::pending()),
+        )
+        .await
+        .expect("refused at once, not served");
+        let err = served.expect_err(name).to_string();
+        assert!(err.contains(name), "{err}");
+    }
 }

@@ -88,14 +88,65 @@ pub async fn open(
             open_sqlite(SqliteConnectOptions::from_str(url)?, sqlite).await?,
         )),
         None => {
-            if let Some(dir) = default_file.parent() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| OpenError::DataDir(dir.display().to_string(), e))?;
-            }
+            make_private(default_file)?;
             let options = SqliteConnectOptions::new().filename(default_file);
             Ok(Pool::Sqlite(open_sqlite(options, sqlite).await?))
         }
     }
+}
+
+/// Makes the SQLite file's folders (mode 0700) and the file itself (0600) private to the
+/// service's user before SQLite opens it — it holds password hashes, refresh-token digests and
+/// keys — and tightens them if they already exist. SQLite gives its `-wal` and `-shm` files the
+/// database file's mode.
+fn make_private(file: &Path) -> Result<(), OpenError> {
+    let data_dir = |dir: &Path, e| OpenError::DataDir(dir.display().to_string(), e);
+    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        private_dirs(dir).map_err(|e| data_dir(dir, e))?;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(file);
+        match created {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut path = file.as_os_str().to_owned();
+                    path.push(suffix);
+                    let path = std::path::PathBuf::from(path);
+                    if path.exists() {
+                        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                            .map_err(|e| data_dir(&path, e))?;
+                    }
+                }
+            }
+            Err(e) => return Err(data_dir(file, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Creates `dir` and its missing parents with mode 0700; the last folder is made 0700 even if
+/// it existed (the service's own folder, e.g. `<data-dir>/auth`), and so is its parent when
+/// this call created it.
+fn private_dirs(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(dir)?;
+    Ok(())
 }
 
 /// Opens SQLite durably (WAL, `synchronous=FULL`, foreign keys on, a busy timeout) and

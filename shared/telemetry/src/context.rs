@@ -8,9 +8,9 @@
 use std::{cell::Cell, fmt};
 
 /// The `traceparent` metadata key.
-pub const TRACEPARENT: &str = "traceparent";
+pub use mesh_proto::headers::TRACEPARENT;
 /// The `tracestate` metadata key.
-pub const TRACESTATE: &str = "tracestate";
+pub use mesh_proto::headers::TRACESTATE;
 
 /// The longest `tracestate` passed on (the W3C limit is 512 bytes of list members).
 const MAX_TRACESTATE: usize = 512;

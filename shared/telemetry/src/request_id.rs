@@ -15,7 +15,7 @@ use http::{HeaderValue, Request, Response};
 use tower::{Layer, Service};
 
 /// The metadata key of the request id.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub use mesh_proto::headers::REQUEST_ID as REQUEST_ID_HEADER;
 
 /// The longest request id taken from a caller.
 pub const MAX_REQUEST_ID_LEN: usize = 128;

@@ -107,7 +107,7 @@ fn is_infrastructure(service: &str) -> bool {
 
 fn status_of(headers: &http::HeaderMap) -> Option<i32> {
     headers
-        .get("grpc-status")
+        .get(mesh_proto::headers::GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
 }

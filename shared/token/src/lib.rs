@@ -25,6 +25,15 @@ pub const ALGORITHM: &str = "EdDSA";
 /// The longest token [`Verifier::verify`] looks at; real ones are a few hundred bytes.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 
+/// The `iss` auth signs with and verifiers expect unless configured otherwise.
+pub const DEFAULT_ISSUER: &str = "mesh-auth";
+
+/// The `aud` auth signs with and verifiers expect unless configured otherwise.
+pub const DEFAULT_AUDIENCE: &str = "mesh";
+
+/// Clock skew allowed on `exp`, `nbf` and `iat` unless configured otherwise, in seconds.
+pub const DEFAULT_LEEWAY_SECS: i64 = 30;
+
 /// The prefix of a service token's subject: `service:<client_id>`.
 pub const SERVICE_SUBJECT_PREFIX: &str = "service:";
 
@@ -109,6 +118,13 @@ pub enum TokenError {
     /// `nbf` is in the future.
     #[error("token not yet valid")]
     NotYetValid,
+    /// `iat` is in the future: no honest issuer signs tokens it has not issued yet.
+    #[error("token issued in the future")]
+    IssuedInFuture,
+    /// `exp` is further from `iat` than any token this verifier accepts may live (or before
+    /// it).
+    #[error("token lifetime out of bounds")]
+    Lifetime,
     /// `iss` is not the expected issuer.
     #[error("wrong issuer")]
     Issuer,
@@ -132,6 +148,10 @@ pub(crate) fn sign(key: &ed25519_dalek::SigningKey, kid: &str, claims: &Claims) 
     format!("{signing_input}.{}", B64.encode(signature.to_bytes()))
 }
 
+/// The longest lifetime (`exp` − `iat`) a [`Verifier`] accepts unless told otherwise: an
+/// hour, four times auth's default access-token lifetime.
+pub const DEFAULT_MAX_LIFETIME_SECS: i64 = 3600;
+
 /// Verifies tokens against a fixed set of public keys.
 #[derive(Debug, Clone)]
 pub struct Verifier {
@@ -139,6 +159,7 @@ pub struct Verifier {
     issuer: String,
     audience: String,
     leeway_secs: i64,
+    max_lifetime_secs: i64,
 }
 
 impl Verifier {
@@ -155,7 +176,14 @@ impl Verifier {
             issuer: issuer.into(),
             audience: audience.into(),
             leeway_secs,
+            max_lifetime_secs: DEFAULT_MAX_LIFETIME_SECS,
         })
+    }
+
+    /// The same verifier accepting lifetimes (`exp` − `iat`) of at most `seconds`.
+    pub fn with_max_lifetime(mut self, seconds: i64) -> Self {
+        self.max_lifetime_secs = seconds;
+        self
     }
 
     /// Whether a key with this id is known.
@@ -200,18 +228,26 @@ impl Verifier {
         if !claims.aud.contains(&self.audience) {
             return Err(TokenError::Audience);
         }
+        let lifetime = claims.exp.saturating_sub(claims.iat);
+        if !(0..=self.max_lifetime_secs).contains(&lifetime) {
+            return Err(TokenError::Lifetime);
+        }
         self.check_time(&claims, now)?;
         Ok(claims)
     }
 
-    /// Whether `claims` (already verified) are still in force at `now`: `exp` not passed and
-    /// `nbf` reached, with the leeway. Callers that keep verified claims re-check this.
+    /// Whether `claims` (already verified) are in force at `now`: `exp` not passed, `nbf`
+    /// reached and `iat` not in the future, with the leeway. Callers that keep verified claims
+    /// re-check this.
     pub fn check_time(&self, claims: &Claims, now: i64) -> Result<(), TokenError> {
         if now >= claims.exp.saturating_add(self.leeway_secs) {
             return Err(TokenError::Expired);
         }
         if now.saturating_add(self.leeway_secs) < claims.nbf {
             return Err(TokenError::NotYetValid);
+        }
+        if now.saturating_add(self.leeway_secs) < claims.iat {
+            return Err(TokenError::IssuedInFuture);
         }
         Ok(())
     }
@@ -220,6 +256,15 @@ impl Verifier {
 fn decode_json<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, TokenError> {
     let bytes = B64.decode(part).map_err(|_| TokenError::Malformed)?;
     serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)
+}
+
+/// The token of an `authorization` header value `Bearer <token>` (the scheme in any case,
+/// surrounding spaces trimmed); `None` for any other scheme or an empty token. The one parser
+/// of the mesh's bearer headers.
+pub fn parse_bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// The `kid` named in a token's header, without verifying anything (for logs and for deciding

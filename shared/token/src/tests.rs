@@ -3,8 +3,8 @@
 use super::*;
 
 const NOW: i64 = 1_800_000_000;
-const ISS: &str = "mesh-auth";
-const AUD: &str = "mesh";
+const ISS: &str = DEFAULT_ISSUER;
+const AUD: &str = DEFAULT_AUDIENCE;
 
 fn claims() -> Claims {
     Claims {
@@ -168,6 +168,45 @@ fn time_claims_are_enforced() {
     let token = ring.sign(&future);
     assert_eq!(v.verify(&token, NOW), Err(TokenError::NotYetValid));
     assert!(v.verify(&token, NOW + 571).is_ok());
+}
+
+/// A token issued in the future, or living longer than the verifier accepts, is refused —
+/// even with a valid signature (a leaked key or a broken issuer clock must not mint tokens
+/// good for centuries).
+#[test]
+fn issue_time_and_lifetime_are_bounded() {
+    let ring = ring();
+    let v = verifier(&ring);
+    let mut ahead = claims();
+    ahead.iat = NOW + 5 * 365 * 86_400;
+    ahead.nbf = NOW;
+    ahead.exp = ahead.iat + 900;
+    assert_eq!(
+        v.verify(&ring.sign(&ahead), NOW),
+        Err(TokenError::IssuedInFuture)
+    );
+    let mut ancient = claims();
+    ancient.exp = NOW + 300 * 365 * 86_400;
+    assert_eq!(
+        v.verify(&ring.sign(&ancient), NOW),
+        Err(TokenError::Lifetime)
+    );
+    let mut backwards = claims();
+    backwards.exp = NOW - 1;
+    backwards.iat = NOW;
+    assert_eq!(
+        v.verify(&ring.sign(&backwards), NOW - 10),
+        Err(TokenError::Lifetime)
+    );
+    let mut hour = claims();
+    hour.exp = NOW + DEFAULT_MAX_LIFETIME_SECS;
+    assert!(v.verify(&ring.sign(&hour), NOW).is_ok(), "an hour is fine");
+    let strict = verifier(&ring).with_max_lifetime(900);
+    assert_eq!(
+        strict.verify(&ring.sign(&hour), NOW),
+        Err(TokenError::Lifetime)
+    );
+    assert!(strict.verify(&ring.sign(&claims()), NOW).is_ok());
 }
 
 /// A wrong issuer or audience is refused.

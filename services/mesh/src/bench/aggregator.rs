@@ -13,7 +13,6 @@
 
 use std::{
     net::SocketAddr,
-    process::Stdio,
     sync::{
         Arc, OnceLock,
         atomic::{AtomicUsize, Ordering},
@@ -21,7 +20,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_authn::AuthnConfig;
 use mesh_proto::{
     aggregator::v1::{
         GetMeRequest, GetProfilesRequest, SignUpRequest, WatchProfilesRequest,
@@ -29,99 +27,59 @@ use mesh_proto::{
     },
     users::v1::{GetUserRequest, UpdateUserRequest, User, user_service_client::UserServiceClient},
 };
-use mesh_token::KeyRing;
+use mesh_testkit::{ServiceProcess, TestMesh, TestPki};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
     sync::{Notify, mpsc},
 };
 use tokio_stream::StreamExt as _;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 use super::{
-    BenchError, Outcome, Settings, channels, echo,
-    fixtures::{Caller, Running, bearer, loopback, populate, setup, start_auth, start_users},
+    BenchError, Outcome, Settings, any_channels, channels, echo,
+    fixtures::{
+        Caller, bearer, mesh_command, populate, service_process, setup, start_aggregator,
+        start_mesh, stop, url,
+    },
     measure::{Latencies, Measurement, drive},
     on_servers,
     report::Figure,
-    rss_kib,
 };
 
-/// The aggregator's client secret for this run.
-const CLIENT_SECRET: &str = "mesh-bench-aggregator";
-
-/// Auth and users on loopback, the signing key, and one account made by SignUp.
-struct Mesh {
-    data: std::path::PathBuf,
-    auth: Running,
-    users: Running,
-    ring: KeyRing,
-    aggregator: Running,
-    me_id: String,
-    me_token: String,
+/// The kit's [`TestMesh`] of auth, users and an aggregator in front of them (each with the
+/// bench's settings), and one account made by SignUp.
+async fn set_up(settings: &Settings, name: &str) -> Result<(TestMesh, Caller), BenchError> {
+    set_up_with(settings, name, None).await
 }
 
-async fn set_up(settings: &Settings, name: &str) -> Result<Mesh, BenchError> {
-    let data = std::env::temp_dir().join(format!("mesh-bench-{name}-{}", std::process::id()));
-    let (ring, _) = KeyRing::load_or_create_dev_key(&data.join("auth").join("dev-signing-key.pem"))
-        .map_err(setup)?;
-    let clients = vec![
-        format!("aggregator=plain:{CLIENT_SECRET}")
-            .parse()
-            .map_err(|e: String| setup(e))?,
-    ];
-    let auth = start_auth(&data, clients).await?;
-    let users = start_users(&data, auth.addr, settings.database_url.clone()).await?;
-    let aggregator = start_aggregator(auth.addr, users.addr).await?;
-    wait_serving(aggregator.addr, Duration::from_secs(30)).await?;
-    let signed_up = AggregatorServiceClient::new(channels(aggregator.addr, 1).await?.remove(0))
-        .sign_up(SignUpRequest {
-            email: "bench@example.com".into(),
-            password: "benchmark password".into(),
-            display_name: "Bench".into(),
-        })
-        .await
-        .map_err(|e| setup(format!("sign up: {e}")))?
-        .into_inner();
-    Ok(Mesh {
-        data,
-        auth,
-        users,
-        ring,
-        aggregator,
-        me_id: signed_up.profile.map(|p| p.user_id).unwrap_or_default(),
-        me_token: signed_up
+/// [`set_up`], with TLS everywhere when `tls` is given (auth and users mutual).
+async fn set_up_with(
+    settings: &Settings,
+    name: &str,
+    tls: Option<&TestPki>,
+) -> Result<(TestMesh, Caller), BenchError> {
+    let mut mesh = start_mesh(name, settings.database_url.clone(), tls).await?;
+    let aggregator = start_aggregator(mesh.auth.addr, mesh.users().addr, tls).await?;
+    let signed_up =
+        AggregatorServiceClient::new(any_channels(aggregator.addr, 1, tls).await?.remove(0))
+            .sign_up(SignUpRequest {
+                email: "bench@example.com".into(),
+                password: "benchmark password".into(),
+                display_name: "Bench".into(),
+            })
+            .await
+            .map_err(|e| setup(format!("sign up: {e}")))?
+            .into_inner();
+    mesh.aggregator = Some(aggregator);
+    let me = Caller {
+        id: signed_up.profile.map(|p| p.user_id).unwrap_or_default(),
+        token: signed_up
             .tokens
             .map(|t| t.access_token)
             .ok_or_else(|| setup("no tokens"))?,
-    })
-}
-
-impl Mesh {
-    async fn tear_down(self) {
-        for server in [self.aggregator, self.users, self.auth] {
-            server.stop().await;
-        }
-        let _ = std::fs::remove_dir_all(&self.data);
-    }
-}
-
-async fn start_aggregator(auth: SocketAddr, users: SocketAddr) -> Result<Running, BenchError> {
-    on_servers(async move {
-        let (listener, addr) = loopback().await?;
-        let authn = AuthnConfig::new(format!("http://{auth}").parse().map_err(setup)?);
-        let mut config = mesh_aggregator::Config::new(
-            addr,
-            authn,
-            format!("http://{users}").parse().map_err(setup)?,
-        );
-        config.client_secret = Some(CLIENT_SECRET.into());
-        Running::spawn(addr, move |stopped| async move {
-            mesh_aggregator::serve(&config, listener, stopped)
-                .await
-                .map_err(|e| e.to_string())
-        })
-    })
-    .await
+    };
+    Ok((mesh, me))
 }
 
 /// GetMe from `settings.concurrency` callers over `settings.connections` connections.
@@ -130,8 +88,9 @@ async fn drive_get_me(
     aggregator: SocketAddr,
     token: &str,
     name: &str,
+    tls: Option<&TestPki>,
 ) -> Result<Measurement, BenchError> {
-    let agg_channels = Arc::new(channels(aggregator, settings.connections).await?);
+    let agg_channels = Arc::new(any_channels(aggregator, settings.connections, tls).await?);
     let token = token.to_owned();
     let call = move |worker: usize| {
         let mut client =
@@ -154,10 +113,10 @@ pub(super) async fn get_me(
     settings: &Settings,
     baseline: &Measurement,
 ) -> Result<Outcome, BenchError> {
-    let mesh = set_up(settings, "get-me").await?;
-    let user_channels = Arc::new(channels(mesh.users.addr, settings.connections).await?);
+    let (mesh, me) = set_up(settings, "get-me").await?;
+    let user_channels = Arc::new(channels(mesh.users().addr, settings.connections).await?);
     let direct = {
-        let (token, id) = (mesh.me_token.clone(), mesh.me_id.clone());
+        let (token, id) = (me.token.clone(), me.id.clone());
         let call = move |worker: usize| {
             let mut client =
                 UserServiceClient::new(user_channels[worker % user_channels.len()].clone());
@@ -175,12 +134,26 @@ pub(super) async fn get_me(
     };
     let get_me = drive_get_me(
         settings,
-        mesh.aggregator.addr,
-        &mesh.me_token,
+        mesh.aggregator().addr,
+        &me.token,
         "GetMe through the aggregator",
+        None,
     )
     .await?;
-    mesh.tear_down().await;
+    let plain_connects = if settings.tls {
+        Some(
+            new_connections(
+                settings,
+                mesh.auth.addr,
+                None,
+                "new plaintext connections to auth",
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    mesh.stop().await;
     let figures = vec![
         Figure::at_least(
             "GetMe / echo throughput",
@@ -200,16 +173,110 @@ pub(super) async fn get_me(
             4.0,
         ),
     ];
+    let mut measurements = vec![direct];
+    let mut figures = figures;
+    let mut notes = vec![format!(
+        "All servers share the machine's cores with the load generator; users on {}. GetMe \
+         verifies the caller's token, then reads the profile from users and the sessions \
+         from auth concurrently (each verifying the token again).",
+        settings.database_name()
+    )];
+    if let Some(plain_connects) = plain_connects {
+        let dir = std::env::temp_dir().join(format!("mesh-bench-tls-{}", std::process::id()));
+        let tls = TestPki::new(&dir, "mesh-bench-ca");
+        let (secure, me) = set_up_with(settings, "get-me-tls", Some(&tls)).await?;
+        let tls_get_me = drive_get_me(
+            settings,
+            secure.aggregator().addr,
+            &me.token,
+            "GetMe, TLS everywhere",
+            Some(&tls),
+        )
+        .await?;
+        let tls_connects = new_connections(
+            settings,
+            secure.auth.addr,
+            Some(&tls),
+            "new mutual-TLS connections to auth",
+        )
+        .await?;
+        secure.stop().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        figures.extend([
+            Figure::at_least(
+                "GetMe TLS / plaintext throughput",
+                tls_get_me.per_second / get_me.per_second.max(f64::MIN_POSITIVE),
+                "ratio",
+                0.85,
+            ),
+            Figure::new(
+                "GetMe TLS / plaintext p99",
+                tls_get_me.latency_ms.p99 / get_me.latency_ms.p99.max(0.001),
+                "ratio",
+            ),
+            Figure::new(
+                "new mutual-TLS connections per second (handshake + one health check)",
+                tls_connects.per_second,
+                "1/s",
+            ),
+            Figure::new(
+                "new TLS / new plaintext connections per second",
+                tls_connects.per_second / plain_connects.per_second.max(f64::MIN_POSITIVE),
+                "ratio",
+            ),
+        ]);
+        notes.push(
+            "TLS run: every server with TLS 1.3 (rustls, ring, ECDSA P-256 certificates from a \
+             CA made for the run), auth and users requiring the callers' client certificates; \
+             the load generator keeps its connections open, as the mesh's clients do. New \
+             connections: each caller opens a connection, makes one health check on it and \
+             closes it, in a loop."
+                .into(),
+        );
+        measurements.extend([get_me, tls_get_me, plain_connects, tls_connects]);
+    } else {
+        measurements.push(get_me);
+    }
     Ok(Outcome {
-        measurements: vec![direct, get_me],
+        measurements,
         figures,
-        notes: vec![format!(
-            "All servers share the machine's cores with the load generator; users on {}. GetMe \
-             verifies the caller's token, then reads the profile from users and the sessions \
-             from auth concurrently (each verifying the token again).",
-            settings.database_name()
-        )],
+        notes,
     })
+}
+
+/// New connections per second to `addr` (each makes one health check and is closed), over
+/// TLS when `tls` is given.
+async fn new_connections(
+    settings: &Settings,
+    addr: SocketAddr,
+    tls: Option<&TestPki>,
+    name: &str,
+) -> Result<Measurement, BenchError> {
+    let uri = url(addr, tls)?;
+    let client = tls.map(TestPki::mesh_client).unwrap_or_default();
+    let call = move |_worker: usize| {
+        let endpoint = mesh_runtime::client::endpoint(uri.clone(), &client);
+        async move {
+            let Ok(endpoint) = endpoint else {
+                return false;
+            };
+            let Ok(channel) = endpoint.connect().await else {
+                return false;
+            };
+            tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .is_ok()
+        }
+    };
+    Ok(drive(
+        settings.concurrency,
+        settings.warmup,
+        settings.duration,
+        call,
+    )
+    .await
+    .measurement(name))
 }
 
 /// A TCP relay to `target` that holds every chunk from the client for `delay` before passing
@@ -260,31 +327,32 @@ async fn latency_relay(target: SocketAddr, delay: Duration) -> Result<SocketAddr
 
 /// `get-me-delay`: GetMe with both downstreams `--delay` away, against GetMe without.
 pub(super) async fn get_me_delay(settings: &Settings) -> Result<Outcome, BenchError> {
-    let mesh = set_up(settings, "get-me-delay").await?;
+    let (mesh, me) = set_up(settings, "get-me-delay").await?;
     let delay = settings.delay;
     let (auth_far, users_far) = (
         latency_relay(mesh.auth.addr, delay).await?,
-        latency_relay(mesh.users.addr, delay).await?,
+        latency_relay(mesh.users().addr, delay).await?,
     );
-    let far = start_aggregator(auth_far, users_far).await?;
-    wait_serving(far.addr, Duration::from_secs(30)).await?;
+    let far = start_aggregator(auth_far, users_far, None).await?;
     let near = drive_get_me(
         settings,
-        mesh.aggregator.addr,
-        &mesh.me_token,
+        mesh.aggregator().addr,
+        &me.token,
         "GetMe, downstreams on loopback",
+        None,
     )
     .await?;
     let delay_ms = delay.as_secs_f64() * 1000.0;
     let delayed = drive_get_me(
         settings,
         far.addr,
-        &mesh.me_token,
+        &me.token,
         &format!("GetMe, both downstreams {delay_ms} ms away"),
+        None,
     )
     .await?;
-    far.stop().await;
-    mesh.tear_down().await;
+    stop(far).await;
+    mesh.stop().await;
     let goal = delay_ms + 1.2 * near.latency_ms.p50;
     let figures = vec![
         Figure::at_most(
@@ -313,14 +381,14 @@ pub(super) async fn get_me_delay(settings: &Settings) -> Result<Outcome, BenchEr
 
 /// `get-profiles`: GetProfiles of `settings.profiles` ids per call, one caller.
 pub(super) async fn get_profiles(settings: &Settings) -> Result<Outcome, BenchError> {
-    let mesh = set_up(settings, "get-profiles").await?;
-    let user_channels = Arc::new(channels(mesh.users.addr, settings.connections).await?);
-    let population = populate(&mesh.ring, &user_channels, settings.profiles).await?;
+    let (mesh, me) = set_up(settings, "get-profiles").await?;
+    let user_channels = Arc::new(channels(mesh.users().addr, settings.connections).await?);
+    let population = populate(&mesh.keys, &user_channels, settings.profiles).await?;
     let ids: Arc<Vec<String>> = Arc::new(population.iter().map(|c| c.id.clone()).collect());
-    let channel = channels(mesh.aggregator.addr, 1).await?.remove(0);
+    let channel = channels(mesh.aggregator().addr, 1).await?.remove(0);
     let seen = Arc::new(AtomicUsize::new(0));
     let call = {
-        let (ids, token, seen) = (ids.clone(), mesh.me_token.clone(), seen.clone());
+        let (ids, token, seen) = (ids.clone(), me.token.clone(), seen.clone());
         move |_: usize| {
             let mut client = AggregatorServiceClient::new(channel.clone());
             let request = bearer(
@@ -349,7 +417,7 @@ pub(super) async fn get_profiles(settings: &Settings) -> Result<Outcome, BenchEr
     seen.store(0, Ordering::Relaxed);
     let driven = drive(1, Duration::ZERO, settings.duration, call).await;
     let profiles_per_second = seen.load(Ordering::Relaxed) as f64 / driven.elapsed.as_secs_f64();
-    mesh.tear_down().await;
+    mesh.stop().await;
     Ok(Outcome {
         measurements: vec![driven.measurement(format!(
             "GetProfiles of {} ids, 1 caller",
@@ -371,17 +439,12 @@ pub(super) async fn get_profiles(settings: &Settings) -> Result<Outcome, BenchEr
 pub(super) async fn wait_serving(addr: SocketAddr, timeout: Duration) -> Result<(), BenchError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(setup)?
-            .connect()
-            .await;
-        if let Ok(channel) = channel {
-            let reply = tonic_health::pb::health_client::HealthClient::new(channel)
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: mesh_aggregator::SERVICE_NAME.into(),
-                })
-                .await;
-            if reply.is_ok_and(|r| r.get_ref().status == 1) {
+        if let Ok(channel) = channels(addr, 1).await {
+            let status = mesh_testkit::health_status(&channel[0], mesh_aggregator::SERVICE_NAME);
+            if status
+                .await
+                .is_ok_and(|s| s == ServingStatus::Serving as i32)
+            {
                 return Ok(());
             }
         }
@@ -399,32 +462,27 @@ async fn aggregator_process(
     auth: SocketAddr,
     users: SocketAddr,
     max_streams: usize,
-) -> Result<(tokio::process::Child, u32, SocketAddr), BenchError> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(setup)?;
-    let addr = listener.local_addr().map_err(setup)?;
-    drop(listener);
-    let exe = std::env::current_exe().map_err(setup)?;
-    let child = tokio::process::Command::new(exe)
-        .arg("aggregator")
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--auth-url")
-        .arg(format!("http://{auth}"))
-        .arg("--users-url")
-        .arg(format!("http://{users}"))
-        .arg("--max-watch-streams")
-        .arg(max_streams.to_string())
-        .env("MESH_AGGREGATOR_CLIENT_SECRET", CLIENT_SECRET)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(setup)?;
-    let pid = child
-        .id()
-        .ok_or_else(|| setup("the aggregator exited at once"))?;
-    wait_serving(addr, Duration::from_secs(30)).await?;
-    Ok((child, pid, addr))
+) -> Result<ServiceProcess, BenchError> {
+    let addr = mesh_testkit::free_addr();
+    let mut command = mesh_command([
+        "aggregator".into(),
+        "--listen".into(),
+        addr.to_string(),
+        "--auth-url".into(),
+        format!("http://{auth}"),
+        "--users-url".into(),
+        format!("http://{users}"),
+        "--max-watch-streams".into(),
+        max_streams.to_string(),
+        // Every subscriber has the writer's identity and this machine's address.
+        "--max-watch-streams-per-caller".into(),
+        max_streams.to_string(),
+    ])?;
+    command
+        .args(super::fixtures::bench_server_args())
+        .env("MESH_AGGREGATOR_CLIENT_SECRET", mesh_testkit::CLIENT_SECRET)
+        .env("RUST_LOG", "warn");
+    service_process(command, addr, mesh_aggregator::SERVICE_NAME).await
 }
 
 /// `watch`: idle subscribers' memory, and the time for a change to reach all of them.
@@ -433,10 +491,11 @@ pub(super) async fn watch(settings: &Settings) -> Result<Outcome, BenchError> {
     let per_connection = settings.streams_per_connection;
     let bare_bytes = echo::idle_stream_bytes(n, per_connection).await?;
 
-    let mesh = set_up(settings, "watch").await?;
-    let user_channels = Arc::new(channels(mesh.users.addr, 1).await?);
-    let writer: Caller = populate(&mesh.ring, &user_channels, 1).await?[0].clone();
-    let (mut child, pid, addr) = aggregator_process(mesh.auth.addr, mesh.users.addr, n + 1).await?;
+    let (mesh, _) = set_up(settings, "watch").await?;
+    let user_channels = Arc::new(channels(mesh.users().addr, 1).await?);
+    let writer: Caller = populate(&mesh.keys, &user_channels, 1).await?[0].clone();
+    let mut aggregator = aggregator_process(mesh.auth.addr, mesh.users().addr, n + 1).await?;
+    let (pid, addr) = (aggregator.pid(), aggregator.addr);
 
     let connections = channels(addr, n.div_ceil(per_connection)).await?;
     let token = writer.token.clone();
@@ -461,7 +520,7 @@ pub(super) async fn watch(settings: &Settings) -> Result<Outcome, BenchError> {
         }
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_before_kib = rss_kib(pid).unwrap_or(0);
+    let rss_before_kib = mesh_testkit::proc_status_kib(pid, "VmRSS");
 
     let events = settings.events;
     let sent_at: Arc<Vec<OnceLock<Instant>>> =
@@ -496,7 +555,7 @@ pub(super) async fn watch(settings: &Settings) -> Result<Outcome, BenchError> {
         }));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_after_kib = rss_kib(pid).unwrap_or(0);
+    let rss_after_kib = mesh_testkit::proc_status_kib(pid, "VmRSS");
 
     let mut users = UserServiceClient::new(user_channels[0].clone());
     for (k, slot) in sent_at.iter().enumerate() {
@@ -533,15 +592,15 @@ pub(super) async fn watch(settings: &Settings) -> Result<Outcome, BenchError> {
     }
     // Once every stream has sent something, its buffers exist: what a live subscriber costs.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_live_kib = rss_kib(pid).unwrap_or(0);
+    let rss_live_kib = mesh_testkit::proc_status_kib(pid, "VmRSS");
     let mut fan_out = Latencies::default();
     for subscriber in subscribers {
         if let Ok(latencies) = subscriber.await {
             fan_out.merge(&latencies);
         }
     }
-    let _ = child.kill().await;
-    mesh.tear_down().await;
+    let _ = aggregator.child.kill().await;
+    mesh.stop().await;
 
     let per_subscriber = rss_after_kib.saturating_sub(rss_before_kib) as f64 * 1024.0 / n as f64;
     let per_live_subscriber =

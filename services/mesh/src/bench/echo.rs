@@ -12,11 +12,12 @@ use mesh_proto::bench::v1::{
     echo_service_client::EchoServiceClient,
     echo_service_server::{EchoService, EchoServiceServer},
 };
+use mesh_testkit::TestServer;
 use tonic::{Request, Response, Status};
 
 use super::{
     BenchError, Settings,
-    fixtures::{Running, loopback, setup},
+    fixtures::{setup, start_server, stop},
     measure::{Measurement, drive},
 };
 
@@ -52,7 +53,7 @@ impl EchoService for Echo {
 pub(super) async fn serve(
     listener: tokio::net::TcpListener,
     stopped: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), String> {
+) -> Result<(), tonic::transport::Error> {
     // The incoming stream sets TCP_NODELAY itself: the builder's setting does not reach a
     // listener handed in, and without it replies wait on delayed ACKs (40 ms stalls).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -60,16 +61,11 @@ pub(super) async fn serve(
         .add_service(EchoServiceServer::new(Echo))
         .serve_with_incoming_shutdown(incoming, stopped)
         .await
-        .map_err(|e| e.to_string())
 }
 
 /// An echo server on a loopback port of the servers' runtime.
-pub(super) async fn start() -> Result<Running, BenchError> {
-    super::on_servers(async {
-        let (listener, addr) = loopback().await?;
-        Running::spawn(addr, move |stopped| serve(listener, stopped))
-    })
-    .await
+pub(super) async fn start() -> Result<TestServer, BenchError> {
+    start_server(TestServer::start(serve)).await
 }
 
 /// The baseline measurement: `Echo` with `settings.payload` bytes each way, from the same
@@ -92,7 +88,7 @@ pub(super) async fn baseline(settings: &Settings) -> Result<Measurement, BenchEr
         call,
     )
     .await;
-    server.stop().await;
+    stop(server).await;
     Ok(driven.measurement(format!("echo, {} B (baseline)", settings.payload)))
 }
 
@@ -100,9 +96,7 @@ pub(super) async fn baseline(settings: &Settings) -> Result<Measurement, BenchEr
 /// echo-server`): its RSS per stream, the bare cost the WatchProfiles figure is read against.
 pub(super) async fn idle_stream_bytes(n: usize, per_connection: usize) -> Result<f64, BenchError> {
     let exe = std::env::current_exe().map_err(setup)?;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(setup)?;
-    let addr: SocketAddr = listener.local_addr().map_err(setup)?;
-    drop(listener);
+    let addr: SocketAddr = mesh_testkit::free_addr();
     let mut child = tokio::process::Command::new(exe)
         .args(["bench", "echo-server", "--listen", &addr.to_string()])
         .stdin(std::process::Stdio::null())
@@ -125,7 +119,7 @@ pub(super) async fn idle_stream_bytes(n: usize, per_connection: usize) -> Result
     let mut connections = first;
     connections.extend(super::channels(addr, n.div_ceil(per_connection).saturating_sub(1)).await?);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = super::rss_kib(pid).unwrap_or(0);
+    let before = mesh_testkit::proc_status_kib(pid, "VmRSS");
     let mut streams = Vec::with_capacity(n);
     for i in 0..n {
         let mut client = EchoServiceClient::new(connections[i % connections.len()].clone());
@@ -141,7 +135,7 @@ pub(super) async fn idle_stream_bytes(n: usize, per_connection: usize) -> Result
         streams.push(stream);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = super::rss_kib(pid).unwrap_or(0);
+    let after = mesh_testkit::proc_status_kib(pid, "VmRSS");
     drop(streams);
     let _ = child.kill().await;
     Ok(after.saturating_sub(before) as f64 * 1024.0 / n.max(1) as f64)

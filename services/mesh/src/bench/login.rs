@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 
 use super::{
     BenchError, Outcome, Settings, channels,
-    fixtures::{channels_one, setup, start_auth},
+    fixtures::{channels_one, setup, start_auth, stop as stop_server},
     measure::{Measurement, drive},
     probe_health,
     report::Figure,
@@ -26,13 +26,13 @@ pub(super) async fn login(settings: &Settings) -> Result<Outcome, BenchError> {
 
     // 1. The ceiling: raw Argon2id verifications on every core, nothing else running.
     let duration = settings.duration;
-    let raw_rate = tokio::task::spawn_blocking(move || mesh_auth::raw_verify_rate(cores, duration))
+    let raw_rate = tokio::task::spawn_blocking(move || raw_verify_rate(cores, duration))
         .await
         .map_err(setup)?;
 
     // 2. An auth server on loopback, one account.
     let data = std::env::temp_dir().join(format!("mesh-bench-login-{}", std::process::id()));
-    let auth = start_auth(&data, Vec::new()).await?;
+    let auth = start_auth(&data, None).await?;
     let channels = Arc::new(channels(auth.addr, settings.connections).await?);
     let access_token = AuthServiceClient::new(channels[0].clone())
         .register(RegisterRequest {
@@ -100,7 +100,7 @@ pub(super) async fn login(settings: &Settings) -> Result<Outcome, BenchError> {
         validate_call,
     )
     .await;
-    auth.stop().await;
+    stop_server(auth).await;
     let _ = std::fs::remove_dir_all(&data);
 
     let logins = logins.measurement("Login (Argon2id, SQLite)");
@@ -134,4 +134,45 @@ pub(super) async fn login(settings: &Settings) -> Result<Outcome, BenchError> {
              nothing else running; Login adds the gRPC call, the store and token signing."
         )],
     })
+}
+
+/// Measures the raw Argon2id verification rate (verifications per second) of this machine at
+/// the service's parameters, with `threads` threads for `duration`: the ceiling the login
+/// throughput of `mesh bench login` is compared with. Blocks the calling thread.
+fn raw_verify_rate(threads: usize, duration: std::time::Duration) -> f64 {
+    use argon2::{
+        Algorithm, Argon2, PasswordHash, PasswordHasher as _, PasswordVerifier as _, Version,
+    };
+    let argon2 = Argon2::new(
+        Algorithm::Argon2id,
+        Version::V0x13,
+        mesh_auth::argon2_params(),
+    );
+    let phc = match argon2::password_hash::SaltString::encode_b64(b"benchmark-salt!!") {
+        Ok(salt) => argon2
+            .hash_password(b"benchmark password", &salt)
+            .map(|h| h.to_string())
+            .unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    let start = std::time::Instant::now();
+    let counts: Vec<u64> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                let (argon2, phc) = (argon2.clone(), phc.as_str());
+                scope.spawn(move || {
+                    let mut n = 0u64;
+                    while start.elapsed() < duration {
+                        if let Ok(parsed) = PasswordHash::new(phc) {
+                            let _ = argon2.verify_password(b"benchmark password", &parsed);
+                        }
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap_or(0)).collect()
+    });
+    counts.iter().sum::<u64>() as f64 / start.elapsed().as_secs_f64()
 }

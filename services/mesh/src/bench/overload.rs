@@ -5,8 +5,6 @@
 //! were refused, anything else (there should be nothing), and auth's resident memory.
 
 use std::{
-    net::SocketAddr,
-    process::Stdio,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -16,10 +14,9 @@ use tonic::Code;
 
 use super::{
     BenchError, Outcome, Settings, channels,
-    fixtures::setup,
+    fixtures::{mesh_command, service_process, setup},
     measure::{Latencies, Measurement},
     report::Figure,
-    rss_kib,
 };
 
 const EMAIL: &str = "overload@example.com";
@@ -88,7 +85,7 @@ async fn storm(
     let sampler = tokio::spawn(async move {
         let mut peak = 0;
         while start.elapsed() < duration {
-            peak = peak.max(rss_kib(pid).unwrap_or(0));
+            peak = peak.max(mesh_testkit::proc_status_kib(pid, "VmRSS"));
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         peak
@@ -113,32 +110,21 @@ async fn storm(
 pub(super) async fn overload(settings: &Settings) -> Result<Outcome, BenchError> {
     let limit = settings.limit.max(1);
     let data = std::env::temp_dir().join(format!("mesh-bench-overload-{}", std::process::id()));
-    let addr: SocketAddr = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(setup)?;
-        listener.local_addr().map_err(setup)?
-    };
-    let mut child = tokio::process::Command::new(std::env::current_exe().map_err(setup)?)
-        .arg("auth")
-        .args(["--listen", &addr.to_string()])
-        .arg("--data-dir")
+    let addr = mesh_testkit::free_addr();
+    let mut command = mesh_command(["auth", "--listen", addr.to_string().as_str(), "--data-dir"])?;
+    command
         .arg(&data)
-        .args(["--concurrency-limit", &limit.to_string()])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(setup)?;
-    let pid = child.id().ok_or_else(|| setup("auth exited at once"))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let channels = loop {
-        if let Ok(c) = channels(addr, settings.connections).await {
-            break Arc::new(c);
-        }
-        if Instant::now() > deadline {
-            return Err(setup("auth never listened"));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        .args(
+            mesh_runtime::ServerConfig {
+                concurrency_limit: u32::try_from(limit).unwrap_or(u32::MAX),
+                ..super::fixtures::bench_server_config()
+            }
+            .to_args(),
+        )
+        .env("RUST_LOG", "warn");
+    let mut auth = service_process(command, addr, mesh_proto::service_names::AUTH).await?;
+    let pid = auth.pid();
+    let channels = Arc::new(channels(addr, settings.connections).await?);
     AuthServiceClient::new(channels[0].clone())
         .register(RegisterRequest {
             email: EMAIL.into(),
@@ -147,7 +133,7 @@ pub(super) async fn overload(settings: &Settings) -> Result<Outcome, BenchError>
         .await
         .map_err(|e| setup(format!("register: {e}")))?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let idle_rss = rss_kib(pid).unwrap_or(0);
+    let idle_rss = mesh_testkit::proc_status_kib(pid, "VmRSS");
 
     let mut measurements = Vec::new();
     let mut figures = vec![Figure::new(
@@ -193,7 +179,7 @@ pub(super) async fn overload(settings: &Settings) -> Result<Outcome, BenchError>
             ));
         }
     }
-    let _ = child.kill().await;
+    let _ = auth.child.kill().await;
     let _ = std::fs::remove_dir_all(&data);
     notes.push(format!(
         "auth in its own process with --concurrency-limit {limit}; every caller logs in again as \

@@ -4,7 +4,6 @@
 //! counts what it receives.
 
 use std::{
-    net::SocketAddr,
     process::Stdio,
     sync::{
         Arc,
@@ -28,13 +27,13 @@ use mesh_proto::{
         },
     },
 };
+use mesh_testkit::{TestServer, free_addr};
 use tonic::{Request, Response, Status};
 
 use super::{
     BenchError, Outcome, Settings, channels,
-    fixtures::{Running, bearer, loopback, setup},
+    fixtures::{bearer, setup, start_server, stop},
     measure::{Measurement, drive},
-    on_servers,
     report::Figure,
 };
 
@@ -84,27 +83,17 @@ impl MetricsService for Counting {
     }
 }
 
-async fn start_collector(counting: Counting) -> Result<Running, BenchError> {
-    on_servers(async move {
-        let (listener, addr) = loopback().await?;
-        Running::spawn(addr, move |stopped| async move {
-            tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(counting.clone()))
-                .add_service(MetricsServiceServer::new(counting))
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener),
-                    stopped,
-                )
-                .await
-                .map_err(|e| e.to_string())
-        })
-    })
+async fn start_collector(counting: Counting) -> Result<TestServer, BenchError> {
+    start_server(TestServer::start(move |listener, stopped| {
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(counting.clone()))
+            .add_service(MetricsServiceServer::new(counting))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                stopped,
+            )
+    }))
     .await
-}
-
-fn free_port() -> Result<SocketAddr, BenchError> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(setup)?;
-    listener.local_addr().map_err(setup)
 }
 
 /// CPU time (user + system, in clock ticks) used so far by the children of process `parent`:
@@ -166,7 +155,7 @@ async fn measure(
         std::process::id(),
         RUNS.fetch_add(1, Ordering::Relaxed)
     ));
-    let (agg, auth, users) = (free_port()?, free_port()?, free_port()?);
+    let (agg, auth, users) = (free_addr(), free_addr(), free_addr());
     let mut command = tokio::process::Command::new(std::env::current_exe().map_err(setup)?);
     command
         .arg("up")
@@ -175,6 +164,7 @@ async fn measure(
         .args(["--users-listen", &users.to_string()])
         .arg("--data-dir")
         .arg(&data)
+        .args(super::fixtures::bench_server_args())
         .env("RUST_LOG", "warn")
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .env_remove("OTEL_TRACES_SAMPLER")
@@ -308,7 +298,7 @@ pub(super) async fn tracing(settings: &Settings) -> Result<Outcome, BenchError> 
             }
         }
     }
-    collector.stop().await;
+    stop(collector).await;
     let every_run: Vec<String> = runs
         .iter()
         .zip(&modes)

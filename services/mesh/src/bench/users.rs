@@ -18,16 +18,13 @@ use mesh_proto::users::v1::{
     BatchGetUsersRequest, GetUserRequest, UpdateUserRequest, User, WatchUsersRequest,
     user_service_client::UserServiceClient,
 };
-use mesh_token::KeyRing;
+use mesh_testkit::TestMesh;
 use tokio::sync::oneshot;
 use tokio_stream::StreamExt as _;
 
 use super::{
     BenchError, Outcome, Settings, channels,
-    fixtures::{
-        Caller, Running, bearer, channels_one, populate, setup, start_auth, start_users,
-        unix_ms_now,
-    },
+    fixtures::{Caller, bearer, channels_one, populate, setup, start_mesh, unix_ms_now},
     measure::{Latencies, Measurement, drive},
     report::Figure,
 };
@@ -39,29 +36,19 @@ const BATCH: usize = 100;
 /// The `GetUser` concurrencies measured by `users`.
 const GET_CONCURRENCY: [usize; 3] = [1, 16, 64];
 
-/// Auth and users on loopback with `POPULATION` profiles.
+/// The kit's [`TestMesh`] of auth and users with `POPULATION` profiles.
 struct Setup {
-    data: std::path::PathBuf,
-    auth: Running,
-    users: Running,
+    servers: TestMesh,
     channels: Arc<Vec<tonic::transport::Channel>>,
     population: Arc<Vec<Caller>>,
 }
 
 async fn set_up(settings: &Settings, name: &str) -> Result<Setup, BenchError> {
-    let data = std::env::temp_dir().join(format!("mesh-bench-{name}-{}", std::process::id()));
-    // Auth loads the development key made here, so the benchmark can mint tokens for a
-    // population of users without paying an Argon2id hash for each.
-    let (ring, _) = KeyRing::load_or_create_dev_key(&data.join("auth").join("dev-signing-key.pem"))
-        .map_err(setup)?;
-    let auth = start_auth(&data, Vec::new()).await?;
-    let users = start_users(&data, auth.addr, settings.database_url.clone()).await?;
-    let channels = Arc::new(channels(users.addr, settings.connections).await?);
-    let population = populate(&ring, &channels, POPULATION).await?;
+    let mesh = start_mesh(name, settings.database_url.clone(), None).await?;
+    let channels = Arc::new(channels(mesh.users().addr, settings.connections).await?);
+    let population = populate(&mesh.keys, &channels, POPULATION).await?;
     Ok(Setup {
-        data,
-        auth,
-        users,
+        servers: mesh,
         channels,
         population,
     })
@@ -69,9 +56,7 @@ async fn set_up(settings: &Settings, name: &str) -> Result<Setup, BenchError> {
 
 impl Setup {
     async fn tear_down(self) {
-        self.users.stop().await;
-        self.auth.stop().await;
-        let _ = std::fs::remove_dir_all(&self.data);
+        self.servers.stop().await;
     }
 
     /// A GetUser call by id, each call the next id (by a stride) of the population.
@@ -180,7 +165,7 @@ pub(super) async fn users(settings: &Settings) -> Result<Outcome, BenchError> {
 
     // One live WatchUsers subscriber (on its own connection) while every caller updates its
     // own profile as fast as it can.
-    let watch_channel = channels_one(mesh.users.addr).await?;
+    let watch_channel = channels_one(mesh.servers.users().addr).await?;
     let mut stream = UserServiceClient::new(watch_channel)
         .watch_users(bearer(
             &reader,

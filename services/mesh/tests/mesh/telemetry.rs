@@ -1,0 +1,601 @@
+//! End-to-end telemetry of the real `mesh up`: its three processes export over OTLP/gRPC to a
+//! collector in the test (a tonic server of OTLP's `TraceService` and `MetricsService`), and the
+//! test checks that one request makes one trace across all three services — and that a dead
+//! collector costs nothing but dropped spans.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use crate::common::MeshUp;
+use mesh_proto::{
+    aggregator::v1::{GetMeRequest, aggregator_service_client::AggregatorServiceClient},
+    headers,
+    otlp::{
+        collector::{
+            metrics::v1::{
+                ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+                metrics_service_server::{MetricsService, MetricsServiceServer},
+            },
+            trace::v1::{
+                ExportTraceServiceRequest, ExportTraceServiceResponse,
+                trace_service_server::{TraceService, TraceServiceServer},
+            },
+        },
+        common::v1::{KeyValue, any_value},
+        metrics::v1::{Metric, metric},
+        trace::v1::{Span, span::SpanKind, status::StatusCode},
+    },
+};
+use mesh_testkit::{bearer, proc_status_kib, try_sign_up};
+use tonic::{Code, Request, Response, Status, transport::Channel};
+
+const PASSWORD: &str = "correct horse battery staple";
+
+/// What the collector has received: spans and metrics, each with its `service.name`.
+#[derive(Debug, Default)]
+struct Received {
+    spans: Vec<(String, Span)>,
+    metrics: Vec<(String, Metric)>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Collector(Arc<Mutex<Received>>);
+
+fn service_name(attributes: &[KeyValue]) -> String {
+    attributes
+        .iter()
+        .find(|kv| kv.key == "service.name")
+        .and_then(string)
+        .unwrap_or_default()
+}
+
+fn string(kv: &KeyValue) -> Option<String> {
+    match kv.value.as_ref()?.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
+    attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+}
+
+fn attr_str(span: &Span, key: &str) -> Option<String> {
+    match attr(&span.attributes, key)? {
+        any_value::Value::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn attr_int(span: &Span, key: &str) -> Option<i64> {
+    match attr(&span.attributes, key)? {
+        any_value::Value::IntValue(i) => Some(*i),
+        _ => None,
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let mut received = self.0.lock().expect("collector lock");
+        for rs in request.into_inner().resource_spans {
+            let name = service_name(&rs.resource.unwrap_or_default().attributes);
+            for ss in rs.scope_spans {
+                received
+                    .spans
+                    .extend(ss.spans.into_iter().map(|s| (name.clone(), s)));
+            }
+        }
+        Ok(Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Collector {
+    async fn export(
+        &self,
+        request: Request<ExportMetricsServiceRequest>,
+    ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
+        let mut received = self.0.lock().expect("collector lock");
+        for rm in request.into_inner().resource_metrics {
+            let name = service_name(&rm.resource.unwrap_or_default().attributes);
+            for sm in rm.scope_metrics {
+                received
+                    .metrics
+                    .extend(sm.metrics.into_iter().map(|m| (name.clone(), m)));
+            }
+        }
+        Ok(Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+impl Collector {
+    /// A collector on a free loopback port; its URL.
+    async fn start() -> (Self, String) {
+        let collector = Self::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let server = tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .add_service(MetricsServiceServer::new(collector.clone()))
+            .serve_with_incoming(incoming);
+        tokio::spawn(server);
+        (collector, format!("http://{addr}"))
+    }
+
+    fn spans_of(&self, trace_id: &[u8]) -> Vec<(String, Span)> {
+        let received = self.0.lock().expect("collector lock");
+        received
+            .spans
+            .iter()
+            .filter(|(_, s)| s.trace_id == trace_id)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until `done` holds for what was received (20 s at most).
+    async fn wait_for(&self, what: &str, done: impl Fn(&Received) -> bool) {
+        let waited = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if done(&self.0.lock().expect("collector lock")) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        if waited.is_err() {
+            let received = self.0.lock().expect("collector lock");
+            let spans: Vec<String> = received
+                .spans
+                .iter()
+                .map(|(svc, s)| format!("{svc}: {} {:?}", s.name, s.kind))
+                .collect();
+            panic!(
+                "timed out waiting for {what}; spans received:\n{}",
+                spans.join("\n")
+            );
+        }
+    }
+}
+
+fn exporting_env(collector: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.to_owned()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "300".into()),
+        ("MESH_LOG_FORMAT", "json".into()),
+        ("RUST_LOG", "info".into()),
+    ]
+}
+
+async fn aggregator(addr: SocketAddr) -> AggregatorServiceClient<Channel> {
+    AggregatorServiceClient::new(mesh_testkit::connect(addr).await)
+}
+
+/// A client of `mesh up --tls`'s facade, trusting its development CA.
+fn aggregator_tls(mesh: &MeshUp) -> AggregatorServiceClient<Channel> {
+    let tls = mesh_runtime::tls::ClientTls::load(Some(&mesh.tls_dir().join("ca.pem")), None, None)
+        .expect("the development CA");
+    let uri = format!("https://{}", mesh.addr("aggregator"))
+        .parse()
+        .expect("URL");
+    AggregatorServiceClient::new(
+        mesh_runtime::client::endpoint(uri, &tls)
+            .expect("endpoint")
+            .connect_lazy(),
+    )
+}
+
+fn find<'a>(spans: &'a [(String, Span)], service: &str, kind: SpanKind, name: &str) -> &'a Span {
+    spans
+        .iter()
+        .find(|(svc, s)| svc == service && s.kind == kind as i32 && s.name == name)
+        .map(|(_, s)| s)
+        .unwrap_or_else(|| {
+            let all: Vec<String> = spans
+                .iter()
+                .map(|(svc, s)| format!("{svc}: {} {:?}", s.name, s.kind))
+                .collect();
+            panic!(
+                "no {kind:?} span {name} from {service} in:\n{}",
+                all.join("\n")
+            )
+        })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SignUp (sent with the caller's `traceparent`) and GetMe through the aggregator: every span of
+/// one call shares one trace id; the aggregator's server span is the child of the caller's
+/// span (SignUp) or the root (GetMe); auth's and users' server spans are children of the
+/// aggregator's client spans; service names and status codes are right, failures included;
+/// no secret is in any attribute; RPC metrics and the two gauges arrive; and log lines carry
+/// the trace id.
+#[tokio::test]
+async fn one_request_is_one_trace_across_all_three_services() {
+    let _machine = crate::common::process_test().await;
+    let (collector, url) = Collector::start().await;
+    // With TLS everywhere, mutual between the services: trace context crosses every hop.
+    let mut mesh = MeshUp::start_tls("5s", &exporting_env(&url)).await;
+    let mut client = aggregator_tls(&mesh);
+
+    // SignUp as the child of a caller's span.
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let signed_up = try_sign_up(
+        &mut client,
+        "ada@example.com",
+        PASSWORD,
+        "Ada",
+        &[(
+            headers::TRACEPARENT,
+            &format!("00-{caller_trace}-{caller_span}-01"),
+        )],
+    )
+    .await
+    .expect("sign up");
+    let token = signed_up.tokens.expect("tokens").access_token;
+
+    // GetMe with no trace context: the aggregator starts the trace.
+    client
+        .get_me(bearer(&token, GetMeRequest {}))
+        .await
+        .expect("get me");
+
+    // Two failing calls: a bad token (refused by the aggregator) and an e-mail already taken
+    // (refused by auth).
+    let refused = client
+        .get_me(bearer("not-a-token", GetMeRequest {}))
+        .await
+        .expect_err("bad token");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let taken = try_sign_up(&mut client, "ada@example.com", PASSWORD, "Ada", &[])
+        .await
+        .expect_err("e-mail taken");
+    assert_eq!(taken.code(), Code::AlreadyExists);
+
+    // --- SignUp's trace.
+    let trace: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&caller_trace[2 * i..2 * i + 2], 16).expect("hex"))
+        .collect();
+    collector
+        .wait_for("SignUp's spans from all three services", |r| {
+            let services: std::collections::HashSet<_> = r
+                .spans
+                .iter()
+                .filter(|(_, s)| s.trace_id == trace)
+                .map(|(svc, _)| svc.as_str())
+                .collect();
+            ["aggregator", "auth", "users"]
+                .iter()
+                .all(|s| services.contains(s))
+                && r.spans.iter().filter(|(_, s)| s.trace_id == trace).count() >= 5
+        })
+        .await;
+    let spans = collector.spans_of(&trace);
+    let root = find(
+        &spans,
+        "aggregator",
+        SpanKind::Server,
+        "mesh.aggregator.v1.AggregatorService/SignUp",
+    );
+    assert_eq!(
+        hex(&root.parent_span_id),
+        caller_span,
+        "child of the caller's span"
+    );
+    assert_eq!(attr_str(root, "rpc.system").as_deref(), Some("grpc"));
+    assert_eq!(
+        attr_str(root, "rpc.service").as_deref(),
+        Some("mesh.aggregator.v1.AggregatorService")
+    );
+    assert_eq!(attr_str(root, "rpc.method").as_deref(), Some("SignUp"));
+    assert_eq!(attr_int(root, "rpc.grpc.status_code"), Some(0));
+    for (service, method) in [
+        ("mesh.auth.v1.AuthService", "Register"),
+        ("mesh.users.v1.UserService", "CreateUser"),
+    ] {
+        let name = format!("{service}/{method}");
+        let client_span = find(&spans, "aggregator", SpanKind::Client, &name);
+        assert_eq!(
+            client_span.parent_span_id, root.span_id,
+            "{name} under SignUp"
+        );
+        assert!(attr_str(client_span, "server.address").is_some(), "{name}");
+        assert!(attr_int(client_span, "server.port").is_some(), "{name}");
+        let callee = if method == "Register" {
+            "auth"
+        } else {
+            "users"
+        };
+        let server_span = find(&spans, callee, SpanKind::Server, &name);
+        assert_eq!(
+            server_span.parent_span_id, client_span.span_id,
+            "{callee}'s {method} is the child of the aggregator's call"
+        );
+        assert_eq!(attr_int(server_span, "mesh.rpc.messages_received"), Some(1));
+        assert_eq!(attr_int(server_span, "mesh.rpc.messages_sent"), Some(1));
+    }
+
+    // --- GetMe's trace: the aggregator's server span is the root.
+    collector
+        .wait_for("GetMe's spans", |r| {
+            let roots: Vec<_> = r
+                .spans
+                .iter()
+                .filter(|(svc, s)| {
+                    svc == "aggregator"
+                        && s.name.ends_with("/GetMe")
+                        && s.kind == SpanKind::Server as i32
+                        && s.parent_span_id.is_empty()
+                        && s.status.as_ref().is_none_or(|st| st.code == 0)
+                        && attr_int(s, "rpc.grpc.status_code") == Some(0)
+                })
+                .collect();
+            roots.first().is_some_and(|(_, root)| {
+                let trace = &root.trace_id;
+                let services: std::collections::HashSet<_> = r
+                    .spans
+                    .iter()
+                    .filter(|(_, s)| &s.trace_id == trace && s.kind == SpanKind::Server as i32)
+                    .map(|(svc, _)| svc.as_str())
+                    .collect();
+                services.len() == 3
+            })
+        })
+        .await;
+    let received = collector.0.lock().expect("lock").spans.clone();
+    let root = received
+        .iter()
+        .find(|(svc, s)| {
+            svc == "aggregator"
+                && s.name.ends_with("/GetMe")
+                && s.parent_span_id.is_empty()
+                && attr_int(s, "rpc.grpc.status_code") == Some(0)
+        })
+        .map(|(_, s)| s.clone())
+        .expect("GetMe root");
+    let spans = collector.spans_of(&root.trace_id);
+    for (callee, name) in [
+        ("users", "mesh.users.v1.UserService/GetUser"),
+        ("auth", "mesh.auth.v1.AuthService/ListSessions"),
+    ] {
+        let client_span = find(&spans, "aggregator", SpanKind::Client, name);
+        assert_eq!(client_span.parent_span_id, root.span_id, "{name}");
+        let server_span = find(&spans, callee, SpanKind::Server, name);
+        assert_eq!(server_span.parent_span_id, client_span.span_id, "{name}");
+    }
+    assert!(
+        spans.iter().all(|(_, s)| s.trace_id == root.trace_id),
+        "one trace id"
+    );
+
+    // --- Failing calls: the codes, and error status where the conventions want it.
+    let unauthenticated = received
+        .iter()
+        .find(|(svc, s)| {
+            svc == "aggregator"
+                && s.name.ends_with("/GetMe")
+                && attr_int(s, "rpc.grpc.status_code") == Some(16)
+        })
+        .map(|(_, s)| s.clone())
+        .expect("the refused GetMe has a span with code 16");
+    // A client's mistake is not the server's error.
+    assert_ne!(
+        unauthenticated.status.map(|s| s.code),
+        Some(StatusCode::Error as i32)
+    );
+    collector
+        .wait_for("the refused Register", |r| {
+            r.spans.iter().any(|(svc, s)| {
+                svc == "aggregator"
+                    && s.kind == SpanKind::Client as i32
+                    && s.name.ends_with("/Register")
+                    && attr_int(s, "rpc.grpc.status_code") == Some(6)
+            })
+        })
+        .await;
+    let received = collector.0.lock().expect("lock").spans.clone();
+    let failed_register = received
+        .iter()
+        .find(|(svc, s)| {
+            svc == "aggregator"
+                && s.kind == SpanKind::Client as i32
+                && s.name.ends_with("/Register")
+                && attr_int(s, "rpc.grpc.status_code") == Some(6)
+        })
+        .map(|(_, s)| s.clone())
+        .expect("failed Register");
+    assert_eq!(
+        failed_register.status.map(|s| s.code),
+        Some(StatusCode::Error as i32),
+        "a failed outgoing call is an error on the client span"
+    );
+
+    // --- No secret in any span attribute.
+    let secrets = [PASSWORD, "ada@example.com", token.as_str()];
+    for (svc, span) in &received {
+        for kv in &span.attributes {
+            let text = format!("{} {:?}", kv.key, kv.value);
+            for secret in secrets {
+                assert!(!text.contains(secret), "{svc} {}: {text}", span.name);
+            }
+        }
+    }
+
+    // --- Metrics: RPC durations by method and code from every service, and the gauges.
+    collector
+        .wait_for("metrics from every service", |r| {
+            let has =
+                |svc: &str, name: &str| r.metrics.iter().any(|(s, m)| s == svc && m.name == name);
+            has("aggregator", "rpc.server.duration")
+                && has("aggregator", "rpc.client.duration")
+                && has("auth", "rpc.server.duration")
+                && has("users", "rpc.server.duration")
+                && has("aggregator", "mesh.aggregator.watch_streams")
+                && has("auth", "mesh.auth.hash_queue_depth")
+        })
+        .await;
+    let metrics = collector.0.lock().expect("lock").metrics.clone();
+    let (_, latest) = metrics
+        .iter()
+        .rev()
+        .find(|(svc, m)| svc == "aggregator" && m.name == "rpc.server.duration")
+        .expect("aggregator durations");
+    let Some(metric::Data::Histogram(histogram)) = &latest.data else {
+        panic!("rpc.server.duration is a histogram: {latest:?}");
+    };
+    let point = histogram
+        .data_points
+        .iter()
+        .find(|p| {
+            attr(&p.attributes, "rpc.method")
+                == Some(&any_value::Value::StringValue("GetMe".into()))
+                && attr(&p.attributes, "rpc.grpc.status_code")
+                    == Some(&any_value::Value::IntValue(16))
+        })
+        .expect("a GetMe series with code 16");
+    assert_eq!(point.count, 1);
+    assert_eq!(point.bucket_counts.iter().sum::<u64>(), 1);
+    for (_, m) in &metrics {
+        let text = format!("{m:?}");
+        for secret in secrets {
+            assert!(!text.contains(secret), "{}: {text}", m.name);
+        }
+    }
+
+    // --- Logs: auth's "registered" line carries SignUp's trace id and the request id.
+    let line = mesh.wait_for_log("\"registered\"").await;
+    let json: serde_json::Value = serde_json::from_str(
+        line.get(line.find('{').expect("a JSON log line")..)
+            .expect("json"),
+    )
+    .expect("valid JSON log line");
+    assert_eq!(json["trace_id"], caller_trace, "{line}");
+    assert_eq!(json["span_id"].as_str().map(str::len), Some(16), "{line}");
+    assert!(
+        json["request_id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{line}"
+    );
+}
+
+/// With the collector accepting connections but never answering, calls still succeed at once
+/// and the aggregator's memory stays flat however many calls it serves: spans beyond the
+/// bounded queue are dropped, not kept.
+#[tokio::test]
+async fn a_dead_collector_costs_dropped_spans_not_memory() {
+    let _machine = crate::common::process_test().await;
+    // A black hole: connections are accepted and never answered, so every export waits for
+    // its timeout while spans keep coming.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hole_addr = hole.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in hole.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{hole_addr}")),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "256".into()),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "64".into()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "30000".into()),
+    ];
+    let mesh = MeshUp::start_with("5s", &env).await;
+    let pid = child_pid(&mesh, "aggregator");
+    let mut client = aggregator(mesh.addr("aggregator")).await;
+    let token = try_sign_up(&mut client, "grace@example.com", PASSWORD, "Ada", &[])
+        .await
+        .expect("sign up")
+        .tokens
+        .expect("tokens")
+        .access_token;
+
+    let calls = |n: usize| {
+        let (addr, token) = (mesh.addr("aggregator"), token.clone());
+        async move {
+            let mut workers = Vec::new();
+            for w in 0..8 {
+                let token = token.clone();
+                workers.push(tokio::spawn(async move {
+                    let mut client = aggregator(addr).await;
+                    let mut failed = 0;
+                    for _ in (w..n).step_by(8) {
+                        let mut request = bearer(&token, GetMeRequest {});
+                        request.set_timeout(Duration::from_secs(10));
+                        if client.get_me(request).await.is_err() {
+                            failed += 1;
+                        }
+                    }
+                    failed
+                }));
+            }
+            let mut failed = 0;
+            for w in workers {
+                failed += w.await.expect("worker");
+            }
+            failed
+        }
+    };
+    // Fill the queue and let the allocator settle, then measure.
+    assert_eq!(
+        calls(1500).await,
+        0,
+        "calls fail while the collector is dead"
+    );
+    let before = proc_status_kib(pid, "VmRSS");
+    assert_eq!(
+        calls(6000).await,
+        0,
+        "calls fail while the collector is dead"
+    );
+    let after = proc_status_kib(pid, "VmRSS");
+    // 6,000 calls make 18,000 aggregator spans (about 1 KiB each once queued): kept, they
+    // would add well over 16 MiB.
+    let growth = after.saturating_sub(before);
+    eprintln!("aggregator RSS {before} KiB → {after} KiB over 6000 calls with the collector dead");
+    assert!(
+        growth < 8 * 1024,
+        "aggregator RSS grew by {growth} KiB over 6000 calls ({before} → {after} KiB)"
+    );
+}
+
+/// The pid of `mesh up`'s child running `service`.
+fn child_pid(mesh: &MeshUp, service: &str) -> u32 {
+    let parent = mesh.child.id().expect("mesh up runs");
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The parent pid is the second field after the parenthesised command name.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if ppid == Some(parent) && args.get(1).is_some_and(|a| *a == service.as_bytes()) {
+            return pid;
+        }
+    }
+    panic!("no {service} child of mesh up ({parent})");
+}
