@@ -4,7 +4,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use http::Uri;
 use mesh_authn::{AuthnConfig, parse_url};
-use mesh_runtime::{ServerConfig, parse_duration};
+use mesh_runtime::{ServerConfig, parse_duration, web::Origin};
 use secrecy::SecretString;
 
 /// The aggregator's default address: loopback, port 50051.
@@ -107,6 +107,13 @@ pub struct Config {
         default_value_t = 60
     )]
     pub signups_per_address: u32,
+
+    /// A web origin (`scheme://host[:port]`) whose pages may call this server over gRPC-Web;
+    /// repeat the flag, or separate origins with commas in the variable. None by default: a
+    /// browser page of another origin is refused at its CORS preflight.
+    #[arg(long = "cors-origin", env = "MESH_AGGREGATOR_CORS_ORIGINS", value_delimiter = ',',
+          value_parser = mesh_runtime::web::parse_origin)]
+    pub cors_origins: Vec<Origin>,
 
     /// How often the reachability of auth and users is checked (the aggregator is
     /// NOT_SERVING while either is unreachable).

@@ -24,7 +24,7 @@ mod watch;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use mesh_authn::AuthLayer;
-use mesh_runtime::{Health, Lifecycle, ServeError, ServiceSpec, client::Pool};
+use mesh_runtime::{Health, Lifecycle, ServeError, ServiceSpec, client::Pool, web::WebAccess};
 use tokio::net::TcpListener;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -149,7 +149,9 @@ pub async fn serve(
     let spec = ServiceSpec::new(service, mesh_proto::descriptor_sets::AGGREGATOR)
         .long_lived(&["WatchProfiles", "LookupProfiles"])
         .public(PUBLIC_METHODS)
-        .request_limits(server::REQUEST_LIMITS);
+        .request_limits(server::REQUEST_LIMITS)
+        // The facade is the one server browsers call.
+        .grpc_web(WebAccess::new(config.cors_origins.iter().cloned()));
     let served = mesh_runtime::serve(listener, spec, &lifecycle, &config.server, shutdown).await;
     dependencies.abort();
     following.abort();

@@ -62,6 +62,9 @@ pub(crate) fn die_with_supervisor() {
     let _ = supervisor;
 }
 
+/// Where `mesh up` serves the browser console.
+const DEFAULT_CONSOLE_LISTEN: &str = "127.0.0.1:8080";
+
 /// Flags of `mesh up`.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct UpArgs {
@@ -92,6 +95,15 @@ pub(crate) struct UpArgs {
     /// that CA, and users and the aggregator present theirs) and the facade with TLS.
     #[arg(long, env = "MESH_UP_TLS")]
     tls: bool,
+
+    /// Address of the browser console: a page that calls the aggregator over gRPC-Web (the
+    /// aggregator allows this origin through CORS).
+    #[arg(long, env = "MESH_CONSOLE_LISTEN", default_value = DEFAULT_CONSOLE_LISTEN)]
+    console_listen: SocketAddr,
+
+    /// Do not serve the browser console.
+    #[arg(long, env = "MESH_UP_NO_CONSOLE")]
+    no_console: bool,
 
     /// Settings passed to every service.
     #[command(flatten)]
@@ -164,6 +176,17 @@ pub(crate) enum UpError {
     /// No random secret could be made for the aggregator's service identity.
     #[error("cannot make a service-client secret: {0}")]
     Secret(String),
+    /// The console's address could not be bound.
+    #[error(
+        "cannot serve the console on {addr} (another program has it? --console-listen or --no-console)"
+    )]
+    Console {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// A service could not be started.
     #[error("cannot start {name}")]
     Spawn {
@@ -247,9 +270,31 @@ pub(crate) async fn run(args: UpArgs, log_format: LogFormat) -> Result<(), UpErr
         .map(DevPki::client)
         .transpose()?
         .unwrap_or_default();
+    // The console's port is taken first: its origin is what the aggregator must allow.
+    let console = if args.no_console {
+        None
+    } else {
+        let listener = crate::console::bind(args.console_listen)
+            .await
+            .map_err(|source| UpError::Console {
+                addr: args.console_listen,
+                source,
+            })?;
+        let addr = listener.local_addr().unwrap_or(args.console_listen);
+        Some((listener, format!("http://{addr}")))
+    };
+    let origin = console.as_ref().map(|(_, origin)| origin.as_str());
     let mut services = Vec::with_capacity(plan.len());
     for (name, addr) in plan {
-        match spawn(&exe, name, addr, &args, log_format, &secret, pki.as_ref()) {
+        let launch = Launch {
+            exe: &exe,
+            args: &args,
+            log_format,
+            secret: &secret,
+            pki: pki.as_ref(),
+            cors_origin: origin,
+        };
+        match spawn(&launch, name, addr) {
             Ok(service) => services.push(service),
             Err(err) => {
                 let _ = stop_all(&mut services, &args.server).await;
@@ -272,8 +317,20 @@ pub(crate) async fn run(args: UpArgs, log_format: LogFormat) -> Result<(), UpErr
         result = ready => result.map(|()| true),
         () = &mut shutdown => Ok(false),
     };
+    let scheme = if pki.is_some() { "https" } else { "http" };
+    let serving_console = console.map(|(listener, origin)| {
+        let task = tokio::spawn(crate::console::serve(
+            listener,
+            url_of(scheme, args.aggregator_listen),
+        ));
+        (AbortOnDrop(task), origin)
+    });
     match outcome {
-        Ok(true) => print_banner(&args, pki.as_ref()),
+        Ok(true) => print_banner(
+            &args,
+            pki.as_ref(),
+            serving_console.as_ref().map(|(_, origin)| origin.as_str()),
+        ),
         Ok(false) => return stop_all(&mut services, &args.server).await,
         Err(err) => {
             let _ = stop_all(&mut services, &args.server).await;
@@ -329,15 +386,26 @@ impl RunSecret {
     }
 }
 
-fn spawn(
-    exe: &std::path::Path,
-    name: &'static str,
-    addr: SocketAddr,
-    args: &UpArgs,
+/// What every service of one `mesh up` run is started with.
+struct Launch<'a> {
+    exe: &'a Path,
+    args: &'a UpArgs,
     log_format: LogFormat,
-    secret: &RunSecret,
-    pki: Option<&DevPki>,
-) -> Result<Service, UpError> {
+    secret: &'a RunSecret,
+    pki: Option<&'a DevPki>,
+    /// The console's origin, which the aggregator allows through CORS.
+    cors_origin: Option<&'a str>,
+}
+
+fn spawn(launch: &Launch<'_>, name: &'static str, addr: SocketAddr) -> Result<Service, UpError> {
+    let &Launch {
+        exe,
+        args,
+        log_format,
+        secret,
+        pki,
+        cors_origin,
+    } = launch;
     let mut server = args.server.clone();
     let mut client = ClientTlsConfig::default();
     if let Some(files) = pki.and_then(|pki| pki.files(name)) {
@@ -385,6 +453,9 @@ fn spawn(
         command
             .arg("--users-url")
             .arg(url_of(scheme, args.users_listen));
+        if let Some(origin) = cors_origin {
+            command.arg("--cors-origin").arg(origin);
+        }
     }
     // The aggregator's service identity, made up for this run and passed in the environment
     // (command lines are visible to every local user): auth gets the secret's digest only.
@@ -548,7 +619,16 @@ async fn stop_all(services: &mut [Service], server: &ServerConfig) -> Result<(),
     }
 }
 
-fn print_banner(args: &UpArgs, pki: Option<&DevPki>) {
+/// Aborts the console's task when `mesh up` returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn print_banner(args: &UpArgs, pki: Option<&DevPki>, console: Option<&str>) {
     let agg = args.aggregator_listen;
     let (how, call) = match pki {
         None => ("plaintext".to_owned(), "-plaintext".to_owned()),
@@ -565,11 +645,20 @@ fn print_banner(args: &UpArgs, pki: Option<&DevPki>) {
             format!("-cacert {}", pki.ca.display()),
         ),
     };
+    let console = match console {
+        None => String::new(),
+        Some(console) if pki.is_some() => format!(
+            "\nOpen the console in a browser: {console}/ (it calls the aggregator over TLS: the \
+             browser must trust the development CA)\n"
+        ),
+        Some(console) => format!("\nOpen the console in a browser: {console}/\n"),
+    };
     println!(
         "\nThe mesh is up.\n\
          \n  aggregator  {agg}  (the public facade)\
          \n  auth        {}\
          \n  users       {}\n\
+         {console}\
          \nCall it with grpcurl ({how}; reflection and health on every port):\
          \n  grpcurl {call} {agg} list\
          \n  grpcurl {call} {agg} describe mesh.aggregator.v1.AggregatorService\

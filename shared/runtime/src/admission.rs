@@ -20,8 +20,10 @@
 //!   handler has answered — a client that then never reads the answer (a zero HTTP/2 window)
 //!   holds neither; a server stream holds them while it streams;
 //! - **the caller's deadline.** A call whose `grpc-timeout` passes before its handler answers
-//!   ends `DEADLINE_EXCEEDED`. tonic's own server timeout answers such a call `CANCELLED`
-//!   ("Timeout expired"); this layer's deadline is taken first, so it always wins that race;
+//!   ends `DEADLINE_EXCEEDED`, and so does a server stream still open at its deadline (its
+//!   trailers say so; what it held is given back). tonic's own server timeout answers such a
+//!   call `CANCELLED` ("Timeout expired") and ignores streams already answering; this layer's
+//!   deadline is taken first, so it always wins that race;
 //! - **the drain.** Calls are counted in the server's [`InFlight`], and cut off with
 //!   `UNAVAILABLE` when the grace period ends.
 //!
@@ -238,7 +240,7 @@ fn too_large(len: u64, max: usize) -> Status {
 }
 
 fn deadline_passed() -> Status {
-    Status::deadline_exceeded("the call's deadline passed before it was answered")
+    Status::deadline_exceeded("the call's deadline passed")
 }
 
 fn cut_off_status() -> Status {
@@ -423,10 +425,16 @@ where
                 held.permit = None;
                 held.reservation = None;
             }
+            // A stream ends at the caller's deadline too, as gRPC has it: the client asked for
+            // nothing later, and what the stream holds is given back.
+            let deadline = deadline
+                .filter(|_| policy.server_streaming)
+                .map(|at| Box::pin(tokio::time::sleep_until(at)));
             Ok(response.map(|inner| HeldBody {
                 inner,
                 held,
                 cut_off: Some(Box::pin(cut_off.cancelled_owned())),
+                deadline,
                 ended: false,
             }))
         })
@@ -442,6 +450,7 @@ pin_project_lite::pin_project! {
         inner: B,
         held: Held,
         cut_off: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
         ended: bool,
     }
 }
@@ -452,8 +461,27 @@ impl<B> HeldBody<B> {
             inner,
             held: Held::default(),
             cut_off: None,
+            deadline: None,
             ended: false,
         }
+    }
+
+    /// Ends the call here with `status` in the trailers; it holds nothing any more.
+    fn finish(
+        ended: &mut bool,
+        held: &mut Held,
+        status: &Status,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>>
+    where
+        B: Body<Data = Bytes>,
+    {
+        *ended = true;
+        *held = Held::default();
+        let mut trailers = http::HeaderMap::new();
+        if status.add_header(&mut trailers).is_ok() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        Poll::Ready(None)
     }
 }
 
@@ -482,13 +510,12 @@ impl<B: Body<Data = Bytes>> Body for HeldBody<B> {
             && cut_off.as_mut().poll(cx).is_ready()
         {
             // Cut off by the end of the grace period: finish the call with retryable trailers.
-            *this.ended = true;
-            *this.held = Held::default();
-            let mut trailers = http::HeaderMap::new();
-            if cut_off_status().add_header(&mut trailers).is_ok() {
-                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-            }
-            return Poll::Ready(None);
+            return Self::finish(this.ended, this.held, &cut_off_status());
+        }
+        if let Some(deadline) = this.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Self::finish(this.ended, this.held, &deadline_passed());
         }
         let polled = this.inner.poll_frame(cx);
         if let Poll::Ready(None) = polled {

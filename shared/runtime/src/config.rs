@@ -152,6 +152,7 @@ impl ServerConfig {
             cert: self.tls_cert.clone()?,
             key: self.tls_key.clone()?,
             client_ca: self.tls_client_ca.clone(),
+            accept_http1: false,
         })
     }
 }

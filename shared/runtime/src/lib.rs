@@ -14,6 +14,7 @@
 //! - TLS when given a certificate, mutual TLS when given a client CA, both re-read when their
 //!   files change ([`tls`]);
 //! - request ids on every call ([`mesh_telemetry::RequestIdLayer`]);
+//! - gRPC-Web for browsers where a service asks for it, behind strict CORS ([`web`]);
 //! - graceful shutdown ([`drain`]): health goes `NOT_SERVING`, long-lived streams are told to
 //!   end, in-flight calls finish within a grace period, then the server stops.
 //!
@@ -37,6 +38,7 @@ pub mod signal;
 #[cfg(feature = "test-util")]
 pub mod testing;
 pub mod tls;
+pub mod web;
 
 pub use config::{ClientTlsConfig, ServerConfig, parse_duration, parse_secret};
 pub use conn::peer_addr;

@@ -13,7 +13,8 @@ use crate::{
     drain::{Drain, InFlight},
     health::Health,
     reflection::{ReflectionV1, ReflectionV1Alpha},
-    tls::{ServerTls, TLS_RELOAD_INTERVAL},
+    tls::{ServerTls, ServerTlsFiles, TLS_RELOAD_INTERVAL},
+    web::WebAccess,
 };
 
 /// The shortest drain: how long a draining server keeps serving even with nothing in flight
@@ -111,6 +112,7 @@ pub struct ServiceSpec {
     long_lived: &'static [&'static str],
     public: &'static [&'static str],
     limits: &'static [(&'static str, usize)],
+    web: Option<WebAccess>,
 }
 
 impl ServiceSpec {
@@ -136,7 +138,15 @@ impl ServiceSpec {
             long_lived: &[],
             public: &[],
             limits: &[],
+            web: None,
         }
+    }
+
+    /// Serves browsers too: HTTP/1.1 beside HTTP/2 on the same port, and CORS preflights
+    /// answered for the origins `access` names (see [`crate::web`]).
+    pub fn grpc_web(mut self, access: WebAccess) -> Self {
+        self.web = Some(access);
+        self
     }
 
     /// Declares the service's long-lived streaming methods (by name, e.g. `WatchUsers`): they
@@ -307,7 +317,15 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
 
-    let tls = config.tls_files().map(ServerTls::load).transpose()?;
+    let tls = config
+        .tls_files()
+        .map(|files| {
+            ServerTls::load(ServerTlsFiles {
+                accept_http1: spec.web.is_some(),
+                ..files
+            })
+        })
+        .transpose()?;
     let reloading = match &tls {
         None => {
             tracing::warn!(
@@ -359,8 +377,18 @@ pub async fn serve(
         in_flight: in_flight.clone(),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    if let Some(web) = &spec.web {
+        tracing::info!(
+            service = spec.name,
+            cors_origins = ?web.origins().collect::<Vec<_>>(),
+            "serving gRPC-Web (HTTP/1.1 and HTTP/2) beside gRPC"
+        );
+    }
+    let cors = spec.web.clone().unwrap_or_default().cors();
 
     let server = tonic::transport::Server::builder()
+        // HTTP/1.1 only where browsers are served (gRPC-Web); HTTP/2 everywhere.
+        .accept_http1(spec.web.is_some())
         .max_connection_age(config.max_connection_age)
         .max_connection_age_grace(config.max_connection_age_grace)
         .max_concurrent_streams(Some(config.max_concurrent_streams))
@@ -376,7 +404,11 @@ pub async fn serve(
         .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
         .http2_max_pending_accept_reset_streams(Some(20))
         .http2_max_local_error_reset_streams(Some(256))
-        // Outermost: every call, even one refused by a later layer, gets a request id...
+        // Outermost: CORS preflights are answered here (a server with no origins named allows
+        // none), and a gRPC-Web call becomes a gRPC call for every layer below.
+        .layer(cors)
+        .layer(tonic_web::GrpcWebLayer::new())
+        // Every call, even one refused by a later layer, gets a request id...
         .layer(mesh_telemetry::RequestIdLayer)
         // ...and a span carrying it and the caller's trace context, timed and exported (a shed
         // call shows as RESOURCE_EXHAUSTED).

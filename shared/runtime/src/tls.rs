@@ -10,7 +10,8 @@
 //! New connections get the new certificate; established ones carry on with theirs. A file that
 //! no longer parses leaves the last good configuration in place (and says so at WARN).
 //!
-//! TLS 1.2 and 1.3 with rustls' default cipher suites, ALPN `h2` only. With a client CA
+//! TLS 1.2 and 1.3 with rustls' default cipher suites, ALPN `h2` only (and `http/1.1` on a
+//! server that serves browsers). With a client CA
 //! ([`ServerTlsFiles::client_ca`]) every client must present a certificate that chains to it
 //! (mutual TLS); a client whose certificate is missing, expired or from another CA fails the
 //! handshake, and the server goes on serving the others.
@@ -43,6 +44,8 @@ const TLS_WARN_EVERY: Duration = Duration::from_secs(300);
 
 /// The ALPN protocol every mesh server and client speaks.
 pub const ALPN_H2: &[u8] = b"h2";
+/// The ALPN protocol a server that serves browsers also offers, after `h2`.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 
 /// Why TLS material could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +82,9 @@ pub struct ServerTlsFiles {
     /// PEM CA certificates client certificates must chain to; `None`: no client certificate
     /// is asked for.
     pub client_ca: Option<PathBuf>,
+    /// Offer ALPN `http/1.1` after `h2`, for a server that serves browsers over gRPC-Web
+    /// (a client that can only speak HTTP/1.1 would otherwise be refused at the handshake).
+    pub accept_http1: bool,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -179,6 +185,9 @@ impl Material {
             )
             .map_err(|e| TlsError::Config(e.to_string()))?;
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        if files.accept_http1 {
+            config.alpn_protocols.push(ALPN_HTTP1.to_vec());
+        }
         Ok(Arc::new(config))
     }
 }

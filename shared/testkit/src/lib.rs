@@ -12,6 +12,7 @@
 //! - [`ProcessMesh`] and [`ServiceProcess`]: the real binaries as processes, for what only a
 //!   process shows (its memory, its signals);
 //! - [`sign_up`]: an account made through the aggregator;
+//! - [`web_aggregator`]: a gRPC-Web client of the aggregator over HTTP/1.1, as a browser calls;
 //! - [`TestPki`]: a CA made for the test, its certificates (also expired ones) and the TLS
 //!   settings of servers and clients that use them;
 //! - everything of [`mesh_runtime::testing`] (health and reflection probes, `connect`).
@@ -21,6 +22,7 @@ mod mesh;
 mod process;
 mod tls;
 mod tokens;
+mod web;
 
 pub use doubles::{AuthDouble, BoxStream, UsersDouble, serve_double, serve_double_on};
 pub use mesh::{
@@ -35,6 +37,7 @@ pub use process::{
 };
 pub use tls::{TestPki, https, serve_tls, start_aggregator_tls, tls_channel, wait_for_health_tls};
 pub use tokens::{Minter, TOKEN_LIFETIME_SECS, claims, unix_now};
+pub use web::{WebHttp, web_aggregator};
 
 use mesh_proto::aggregator::v1::{
     SignUpRequest, SignUpResponse, Tokens, aggregator_service_client::AggregatorServiceClient,

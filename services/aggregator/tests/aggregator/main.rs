@@ -9,6 +9,7 @@ mod lookup;
 mod profiles;
 mod properties;
 mod watch;
+mod web;
 
 use std::{
     net::SocketAddr,

@@ -108,7 +108,28 @@ async fn drive_get_me(
     .measurement(name))
 }
 
-/// `get-me`: users' GetUser directly, then GetMe through the aggregator.
+/// GetMe as a browser calls it: gRPC-Web over HTTP/1.1, one call at a time per connection, so
+/// one connection per caller.
+async fn drive_web_get_me(settings: &Settings, aggregator: SocketAddr, token: &str) -> Measurement {
+    let web = mesh_testkit::web_aggregator(aggregator, settings.concurrency);
+    let token = token.to_owned();
+    let call = move |_worker: usize| {
+        let mut client = web.clone();
+        let request = bearer(&token, GetMeRequest {});
+        async move { client.get_me(request).await.is_ok() }
+    };
+    drive(
+        settings.concurrency,
+        settings.warmup,
+        settings.duration,
+        call,
+    )
+    .await
+    .measurement("GetMe over gRPC-Web (HTTP/1.1)")
+}
+
+/// `get-me`: users' GetUser directly, then GetMe through the aggregator, over native gRPC and
+/// over gRPC-Web.
 pub(super) async fn get_me(
     settings: &Settings,
     baseline: &Measurement,
@@ -140,6 +161,7 @@ pub(super) async fn get_me(
         None,
     )
     .await?;
+    let web_get_me = drive_web_get_me(settings, mesh.aggregator().addr, &me.token).await;
     let plain_connects = if settings.tls {
         Some(
             new_connections(
@@ -172,8 +194,18 @@ pub(super) async fn get_me(
             "ratio",
             4.0,
         ),
+        Figure::new(
+            "GetMe gRPC-Web / native gRPC throughput",
+            web_get_me.per_second / get_me.per_second.max(f64::MIN_POSITIVE),
+            "ratio",
+        ),
+        Figure::new(
+            "GetMe gRPC-Web / native gRPC p99",
+            web_get_me.latency_ms.p99 / get_me.latency_ms.p99.max(0.001),
+            "ratio",
+        ),
     ];
-    let mut measurements = vec![direct];
+    let mut measurements = vec![direct, web_get_me];
     let mut figures = figures;
     let mut notes = vec![format!(
         "All servers share the machine's cores with the load generator; users on {}. GetMe \
@@ -485,6 +517,111 @@ async fn aggregator_process(
     service_process(command, addr, mesh_aggregator::SERVICE_NAME).await
 }
 
+/// gRPC-Web subscribers of the `watch` scenario's second round (each its own connection).
+const WEB_SUBSCRIBERS: usize = 256;
+
+/// `count` native and `count` gRPC-Web subscribers on the aggregator at `addr`, then `events`
+/// changes by `writer`, each sent once the last has reached all of them: the time from each
+/// change to each subscriber, native and gRPC-Web apart.
+async fn web_fan_out(
+    addr: SocketAddr,
+    writer: &Caller,
+    users: &mut UserServiceClient<tonic::transport::Channel>,
+    count: usize,
+    per_connection: usize,
+    events: usize,
+) -> Result<(Latencies, Latencies), BenchError> {
+    let native = channels(addr, count.div_ceil(per_connection)).await?;
+    let web = mesh_testkit::web_aggregator(addr, count);
+    let request = || {
+        bearer(
+            &writer.token,
+            WatchProfilesRequest {
+                after_sequence: None,
+            },
+        )
+    };
+    let mut streams = Vec::with_capacity(2 * count);
+    for i in 0..count {
+        let mut client = AggregatorServiceClient::new(native[i % native.len()].clone());
+        let stream = client.watch_profiles(request()).await;
+        streams.push((false, stream.map_err(|e| setup(format!("watch {i}: {e}")))?));
+        let stream = web.clone().watch_profiles(request()).await;
+        streams.push((
+            true,
+            stream.map_err(|e| setup(format!("web watch {i}: {e}")))?,
+        ));
+    }
+    let total = streams.len();
+    let sent_at: Arc<Vec<OnceLock<Instant>>> =
+        Arc::new((0..events).map(|_| OnceLock::new()).collect());
+    let received = Arc::new(AtomicUsize::new(0));
+    let all_in = Arc::new(Notify::new());
+    let mut tasks = Vec::with_capacity(total);
+    for (is_web, stream) in streams {
+        let mut stream = stream.into_inner();
+        let (received, all_in, sent_at) = (received.clone(), all_in.clone(), sent_at.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Latencies::default();
+            for k in 0..events {
+                let Some(Ok(_)) = stream.next().await else {
+                    break;
+                };
+                if let Some(at) = sent_at[k].get() {
+                    latencies.record(at.elapsed());
+                }
+                if received.fetch_add(1, Ordering::SeqCst) + 1 == total * (k + 1) {
+                    all_in.notify_one();
+                }
+            }
+            (is_web, latencies)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (k, slot) in sent_at.iter().enumerate() {
+        let _ = slot.set(Instant::now());
+        users
+            .update_user(bearer(
+                &writer.token,
+                UpdateUserRequest {
+                    user: Some(User {
+                        id: writer.id.clone(),
+                        bio: format!("change {k} for gRPC-Web and native subscribers"),
+                        ..User::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["bio".into()],
+                    }),
+                    expected_version: 0,
+                },
+            ))
+            .await
+            .map_err(|e| setup(format!("update: {e}")))?;
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while received.load(Ordering::SeqCst) < total * (k + 1) {
+                all_in.notified().await;
+            }
+        })
+        .await
+        .map_err(|_| {
+            setup(format!(
+                "web round, change {k}: not everyone got it within 60 s"
+            ))
+        })?;
+    }
+    let (mut native_latencies, mut web_latencies) = (Latencies::default(), Latencies::default());
+    for task in tasks {
+        if let Ok((is_web, latencies)) = task.await {
+            if is_web {
+                web_latencies.merge(&latencies);
+            } else {
+                native_latencies.merge(&latencies);
+            }
+        }
+    }
+    Ok((native_latencies, web_latencies))
+}
+
 /// `watch`: idle subscribers' memory, and the time for a change to reach all of them.
 pub(super) async fn watch(settings: &Settings) -> Result<Outcome, BenchError> {
     let n = settings.subscribers;
@@ -599,6 +736,10 @@ pub(super) async fn watch(settings: &Settings) -> Result<Outcome, BenchError> {
             fan_out.merge(&latencies);
         }
     }
+    // gRPC-Web beside native gRPC: the same count of each, the same changes.
+    let web_n = n.min(WEB_SUBSCRIBERS);
+    let (native_small, web_small) =
+        web_fan_out(addr, &writer, &mut users, web_n, per_connection, events).await?;
     let _ = aggregator.child.kill().await;
     mesh.stop().await;
 
@@ -611,7 +752,24 @@ pub(super) async fn watch(settings: &Settings) -> Result<Outcome, BenchError> {
         0,
         Duration::ZERO,
     );
+    let native_small = Measurement::new(
+        format!("one change to each of {web_n} native gRPC subscribers, beside gRPC-Web"),
+        &native_small,
+        0,
+        Duration::ZERO,
+    );
+    let web_small = Measurement::new(
+        format!("one change to each of {web_n} gRPC-Web subscribers (HTTP/1.1)"),
+        &web_small,
+        0,
+        Duration::ZERO,
+    );
     let figures = vec![
+        Figure::new(
+            "change to all, gRPC-Web / native gRPC subscribers, p99",
+            web_small.latency_ms.p99 / native_small.latency_ms.p99.max(0.001),
+            "ratio",
+        ),
         Figure::at_most(
             "aggregator RSS per WatchProfiles subscriber",
             per_live_subscriber,
@@ -646,13 +804,15 @@ pub(super) async fn watch(settings: &Settings) -> Result<Outcome, BenchError> {
         ),
     ];
     Ok(Outcome {
-        measurements: vec![delivery],
+        measurements: vec![delivery, native_small, web_small],
         figures,
         notes: vec![format!(
             "{n} subscribers over {} connections ({per_connection} per connection); aggregator \
              RSS {rss_before_kib} KiB with one subscriber, {rss_after_kib} KiB with all before any \
              event, {rss_live_kib} KiB once the changes had reached them all. The bare stream figure is the same count of idle streams on an echo server in its own \
-             process. {events} changes, each sent after the last reached everyone.",
+             process. {events} changes, each sent after the last reached everyone. Then \
+             {web_n} gRPC-Web subscribers (a connection each, as browsers have) and {web_n} \
+             native ones beside them got {events} more changes.",
             connections.len()
         )],
     })

@@ -162,6 +162,7 @@ async fn measure(
         .args(["--aggregator-listen", &agg.to_string()])
         .args(["--auth-listen", &auth.to_string()])
         .args(["--users-listen", &users.to_string()])
+        .arg("--no-console")
         .arg("--data-dir")
         .arg(&data)
         .args(super::fixtures::bench_server_args())

@@ -50,6 +50,7 @@ async fn a_killed_launcher_takes_its_services_with_it() {
         .args(["--aggregator-listen", &addrs[0]])
         .args(["--auth-listen", &addrs[1]])
         .args(["--users-listen", &addrs[2]])
+        .arg("--no-console")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -34,6 +34,8 @@ pub(crate) struct MeshUp {
     _data: tempfile::TempDir,
     pub(crate) addrs: Vec<(&'static str, &'static str, SocketAddr)>,
     pub(crate) stderr: mpsc::UnboundedReceiver<String>,
+    /// What `mesh up` printed once the mesh was up.
+    pub(crate) banner: String,
 }
 
 impl MeshUp {
@@ -84,6 +86,8 @@ impl MeshUp {
             .arg(grace)
             .arg("--data-dir")
             .arg(data.path())
+            // The console on a port of its own for each run (the banner names it).
+            .args(["--console-listen", "127.0.0.1:0"])
             .args(args);
         for (short, _, addr) in &addrs {
             command
@@ -152,6 +156,7 @@ impl MeshUp {
             _data: data,
             addrs,
             stderr,
+            banner,
         })
     }
 
@@ -159,6 +164,20 @@ impl MeshUp {
     /// `<service>-key.pem`.
     pub(crate) fn tls_dir(&self) -> std::path::PathBuf {
         self._data.path().join("tls")
+    }
+
+    /// The console's URL, as the banner gives it.
+    pub(crate) fn console_url(&self) -> String {
+        self.banner
+            .lines()
+            .find_map(|line| line.split_once("Open the console in a browser: "))
+            .map(|(_, rest)| {
+                rest.split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .unwrap_or_else(|| panic!("the banner names the console:\n{}", self.banner))
     }
 
     pub(crate) fn addr(&self, short: &str) -> SocketAddr {

@@ -1,5 +1,5 @@
 //! The launcher's tests, one binary: the real `mesh up` and the three services as processes
-//! (`e2e`, `faults`, `telemetry`) and TLS over loopback (`tls`). The abuse suite floods the
+//! (`e2e`, `faults`, `telemetry`), TLS over loopback (`tls`) and browsers (`web`). The abuse suite floods the
 //! machine on purpose and is a binary of its own (`tests/abuse/`), as are the `mesh bench`
 //! smoke tests (`tests/bench.rs`), which need the `bench` feature.
 //!
@@ -11,3 +11,4 @@ mod e2e;
 mod faults;
 mod telemetry;
 mod tls;
+mod web;

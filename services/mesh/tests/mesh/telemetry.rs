@@ -497,6 +497,71 @@ async fn one_request_is_one_trace_across_all_three_services() {
 /// With the collector accepting connections but never answering, calls still succeed at once
 /// and the aggregator's memory stays flat however many calls it serves: spans beyond the
 /// bounded queue are dropped, not kept.
+/// A gRPC-Web call (HTTP/1.1, as a browser sends it) is one trace across the three services
+/// too: the aggregator's server span is the child of the caller's `traceparent`, and auth's and
+/// users' server spans are children of the aggregator's client spans.
+#[tokio::test]
+async fn a_grpc_web_call_is_one_trace_too() {
+    let _machine = crate::common::process_test().await;
+    let (collector, url) = Collector::start().await;
+    let mesh = MeshUp::start_with("5s", &exporting_env(&url)).await;
+    let mut web = mesh_testkit::web_aggregator(mesh.addr("aggregator"), 1);
+    let caller_trace = "5cf92f3577b34da6a3ce929d0e0e4737";
+    let caller_span = "10f067aa0ba902b8";
+    let mut request = Request::new(mesh_proto::aggregator::v1::SignUpRequest {
+        email: "web-trace@example.com".into(),
+        password: mesh_testkit::PASSWORD.into(),
+        display_name: "Web".into(),
+    });
+    request.metadata_mut().insert(
+        headers::TRACEPARENT,
+        format!("00-{caller_trace}-{caller_span}-01")
+            .parse()
+            .expect("ascii"),
+    );
+    web.sign_up(request).await.expect("sign up over gRPC-Web");
+
+    let trace: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&caller_trace[2 * i..2 * i + 2], 16).expect("hex"))
+        .collect();
+    collector
+        .wait_for("the gRPC-Web SignUp's spans from all three services", |r| {
+            let services: std::collections::HashSet<_> = r
+                .spans
+                .iter()
+                .filter(|(_, s)| s.trace_id == trace)
+                .map(|(svc, _)| svc.as_str())
+                .collect();
+            services.len() == 3 && r.spans.iter().filter(|(_, s)| s.trace_id == trace).count() >= 5
+        })
+        .await;
+    let spans = collector.spans_of(&trace);
+    let root = find(
+        &spans,
+        "aggregator",
+        SpanKind::Server,
+        "mesh.aggregator.v1.AggregatorService/SignUp",
+    );
+    assert_eq!(
+        hex(&root.parent_span_id),
+        caller_span,
+        "child of the caller's span"
+    );
+    assert_eq!(attr_int(root, "rpc.grpc.status_code"), Some(0));
+    for (callee, name) in [
+        ("auth", "mesh.auth.v1.AuthService/Register"),
+        ("users", "mesh.users.v1.UserService/CreateUser"),
+    ] {
+        let client_span = find(&spans, "aggregator", SpanKind::Client, name);
+        assert_eq!(
+            client_span.parent_span_id, root.span_id,
+            "{name} under SignUp"
+        );
+        let server_span = find(&spans, callee, SpanKind::Server, name);
+        assert_eq!(server_span.parent_span_id, client_span.span_id, "{name}");
+    }
+}
+
 #[tokio::test]
 async fn a_dead_collector_costs_dropped_spans_not_memory() {
     let _machine = crate::common::process_test().await;

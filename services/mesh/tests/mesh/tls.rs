@@ -564,3 +564,74 @@ async fn a_flood_of_the_probe_port_leaves_probes_answered() {
     assert_eq!(closed, held.len(), "every silent connection closed");
     auth.shutdown().await.expect("clean shutdown");
 }
+
+/// Over TLS to `addr` with ALPN `http/1.1` only, as an HTTP/1.1-only client (or proxy) comes:
+/// the negotiated protocol and the head of the answer to a gRPC-Web GetMe with a bad token, or
+/// `None` if the handshake is refused.
+async fn grpc_web_over_tls(addr: SocketAddr, ca: &Path) -> Option<(Vec<u8>, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let runtime = ClientTls::load(Some(ca), None, None)
+        .expect("client TLS")
+        .rustls_config()
+        .expect("a CA");
+    let mut config = (*runtime).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .ok()?;
+    let alpn = tls.get_ref().1.alpn_protocol().unwrap_or_default().to_vec();
+    let request = "POST /mesh.aggregator.v1.AggregatorService/GetMe HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+                   Content-Type: application/grpc-web+proto\r\nAuthorization: Bearer not-a-token\r\n\
+                   Content-Length: 5\r\nConnection: close\r\n\r\n\0\0\0\0\0";
+    tls.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer)).await;
+    Some((alpn, String::from_utf8_lossy(&answer).to_lowercase()))
+}
+
+/// A browser (or a proxy that speaks only HTTP/1.1) reaches the TLS facade with gRPC-Web: the
+/// aggregator offers ALPN `http/1.1` after `h2`; auth, which serves no browser, offers `h2`
+/// only and refuses such a client at the handshake.
+#[tokio::test]
+async fn the_tls_facade_takes_grpc_web_over_http1() {
+    let data = tempfile::tempdir().expect("data");
+    let pki = TestPki::new(&data.path().join("tls"), "mesh-ca");
+    let mut config = auth_config(data.path());
+    serve_tls(&mut config.server, &pki.leaf("auth"), None);
+    let auth = start_auth(config).await;
+    let mut config = aggregator_config(auth.addr, mesh_testkit::free_addr());
+    serve_tls(&mut config.server, &pki.leaf("aggregator"), None);
+    config.authn.auth_url = https(auth.addr);
+    config.authn.tls = pki.client_config();
+    let aggregator = spawn_aggregator(config).await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (alpn, answer) = loop {
+        if let Some(answered) = grpc_web_over_tls(aggregator.addr, &pki.ca_path).await {
+            break answered;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the facade takes TLS"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(alpn, b"http/1.1", "ALPN http/1.1 on the facade");
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("grpc-status: 16"),
+        "UNAUTHENTICATED: {answer}"
+    );
+    // Clients that offer h2 still get it (the runtime's own client asserts it).
+    let _ = presented(aggregator.addr, &pki.ca_path, &pki.leaf("client")).await;
+
+    assert!(
+        grpc_web_over_tls(auth.addr, &pki.ca_path).await.is_none(),
+        "auth offers h2 only"
+    );
+    let _ = aggregator.shutdown().await;
+    auth.shutdown().await.expect("clean shutdown");
+}
