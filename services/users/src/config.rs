@@ -36,9 +36,10 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub watch_buffer: u32,
 
-    /// How often the live feed looks for changes committed by other replicas (changes made by
-    /// this process are sent at once).
-    #[arg(long, env = "MESH_USERS_WATCH_POLL_INTERVAL", default_value = "250ms",
+    /// How often the live feed reads the log in case it missed a commit: changes made by this
+    /// process, and on PostgreSQL by other replicas (announced with `NOTIFY`), are sent at once;
+    /// the poll only catches announcements lost while the listening connection was down.
+    #[arg(long, env = "MESH_USERS_WATCH_POLL_INTERVAL", default_value = "5s",
           value_parser = parse_duration)]
     pub watch_poll_interval: Duration,
 

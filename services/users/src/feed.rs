@@ -22,7 +22,7 @@ use tokio::sync::{Notify, broadcast};
 use tokio_stream::Stream;
 use tonic::Status;
 
-use crate::store::{Event, StoreError, UsersStore};
+use crate::store::{Commits, Event, StoreError, UsersStore};
 
 /// Events read from the table per query by the live feed.
 const BATCH: i64 = 500;
@@ -31,6 +31,15 @@ const BATCH: i64 = 500;
 const REPLAY_BATCH: i64 = 64;
 /// The shortest poll interval the feed accepts.
 const MIN_POLL: Duration = Duration::from_millis(10);
+
+/// Aborts the commit listener when the feed stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// The process's one live feed of the change log.
 #[derive(Debug)]
@@ -43,8 +52,9 @@ pub(crate) struct Feed {
 
 impl Feed {
     /// Starts the feed after sequence `after` (the log's end at start-up): it reads new events
-    /// when [`Feed::wake`] is called (after a local commit) and every `poll` (for commits made
-    /// by other replicas), until `drain` begins.
+    /// when [`Feed::wake`] is called (after a local commit), when the store announces a commit
+    /// of another replica (PostgreSQL's `LISTEN`/`NOTIFY`), and every `poll` in case an
+    /// announcement was lost, until `drain` begins.
     pub(crate) fn start(
         store: Arc<dyn UsersStore>,
         after: i64,
@@ -63,6 +73,18 @@ impl Feed {
     }
 
     async fn run(self: Arc<Self>, store: Arc<dyn UsersStore>, poll: Duration, drain: Drain) {
+        // Other replicas' commits, as PostgreSQL announces them; the poll stays as the net
+        // for announcements lost while the listening connection was down.
+        let listening = match store.commits().await {
+            Ok(Some(commits)) => Some(tokio::spawn(self.clone().follow(commits))),
+            Ok(None) => None,
+            Err(err) => {
+                tracing::warn!(error = %mesh_telemetry::error_chain(&err),
+                    "cannot listen for other replicas' commits; polling only");
+                None
+            }
+        };
+        let _stop_listening = listening.map(AbortOnDrop);
         let mut failing = false;
         loop {
             let after = self.published.load(Ordering::SeqCst);
@@ -94,6 +116,34 @@ impl Feed {
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(poll) => {}
                 () = drain.draining() => return,
+            }
+        }
+    }
+
+    /// Wakes the feed for every commit announced on `commits`. When the listening connection
+    /// is lost, the feed reads the log once more (announcements may have been lost) and the
+    /// next wait connects again.
+    async fn follow(self: Arc<Self>, mut commits: Commits) {
+        let mut failing = false;
+        loop {
+            match commits.next().await {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!("listening for other replicas' commits again");
+                        failing = false;
+                    }
+                    self.wake();
+                }
+                Err(err) => {
+                    if !failing {
+                        tracing::warn!(error = %mesh_telemetry::error_chain(&err),
+                            "lost the connection that listens for other replicas' commits; \
+                             reconnecting");
+                        failing = true;
+                    }
+                    self.wake();
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
         }
     }

@@ -185,6 +185,56 @@ pub trait UsersStore: Send + Sync + std::fmt::Debug + 'static {
     /// The setting `name`: the stored value, or `proposed` if none was stored yet (then stored,
     /// so every replica that asks later gets the same value).
     async fn setting_or_insert(&self, name: &str, proposed: &str) -> Result<String, StoreError>;
+    /// A signal of the commits every process sharing the database makes to the log, as they
+    /// commit; `None` where the store has none (SQLite: the log has one writer, this process).
+    async fn commits(&self) -> Result<Option<Commits>, StoreError>;
+}
+
+/// The channel on which PostgreSQL announces each commit that appends to the log.
+pub const COMMITS_CHANNEL: &str = "mesh_users_log";
+
+/// Commits to the log announced by PostgreSQL (`LISTEN`/`NOTIFY`), from any replica: one
+/// dedicated connection of the store's pool, re-established by sqlx when it is lost.
+#[derive(Debug)]
+pub struct Commits(sqlx::postgres::PgListener);
+
+impl Commits {
+    /// Waits for the next announced commit. After an error (the connection was lost) the next
+    /// call connects again; announcements made meanwhile are lost, so the caller reads the log
+    /// once more then.
+    pub async fn next(&mut self) -> Result<(), StoreError> {
+        self.0.recv().await?;
+        Ok(())
+    }
+}
+
+impl SqliteStore {
+    /// SQLite's log has one writer, this process, which wakes its own feed.
+    async fn announce(_tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn listen(&self) -> Result<Option<Commits>, StoreError> {
+        Ok(None)
+    }
+}
+
+impl PgStore {
+    /// Announces the appended event to every replica's feed when the transaction commits
+    /// (PostgreSQL delivers a transaction's notifications at commit, and folds repeats).
+    async fn announce(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(COMMITS_CHANNEL)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn listen(&self) -> Result<Option<Commits>, StoreError> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(COMMITS_CHANNEL).await?;
+        Ok(Some(Commits(listener)))
+    }
 }
 
 /// Opens the store named by `url`, or the SQLite file `<data_dir>/users/users.db`.
@@ -285,6 +335,7 @@ macro_rules! impl_store {
                 .bind(now)
                 .execute(&mut **tx)
                 .await?;
+                Self::announce(tx).await?;
                 Ok(Event {
                     sequence,
                     kind,
@@ -579,6 +630,10 @@ macro_rules! impl_store {
                         .fetch_one(&self.pool)
                         .await?;
                 Ok(last)
+            }
+
+            async fn commits(&self) -> Result<Option<Commits>, StoreError> {
+                self.listen().await
             }
 
             async fn setting_or_insert(

@@ -366,3 +366,81 @@ async fn shutdown_ends_watch_streams_with_unavailable() {
     users.join().await.expect("users stops cleanly");
     auth.shutdown().await.expect("auth stops");
 }
+
+/// Replicas sharing one PostgreSQL learn of each other's commits as they happen (PostgreSQL's
+/// `NOTIFY`), not at their next poll: with the poll a minute apart, a change written through
+/// one replica reaches a WatchUsers subscriber of the other within seconds — also after the
+/// listening connection was cut and made again.
+#[tokio::test]
+async fn replicas_learn_of_each_others_commits_at_once() {
+    let Some(admin_url) = databases().into_iter().find_map(|database| match database {
+        Database::Postgres(admin_url) => Some(admin_url),
+        Database::Sqlite => None,
+    }) else {
+        return;
+    };
+    let url =
+        mesh_store::testing::fresh_database(&admin_url, "usersnotify", "replicas_learn").await;
+    let slow_poll = Duration::from_secs(60);
+    let shared = url.clone();
+    let mesh = start_with(Database::Sqlite, move |config| {
+        config.database_url = Some(shared.as_str().into());
+        config.watch_poll_interval = slow_poll;
+    })
+    .await;
+    let mut second = mesh_testkit::users_config(mesh.data.path(), mesh.auth.addr);
+    second.database_url = Some(url.as_str().into());
+    second.watch_poll_interval = slow_poll;
+    let second = mesh_testkit::start_users(second).await;
+
+    let mut subscriber = UserServiceClient::new(connect(second.addr).await)
+        .watch_users(bearer(
+            &service_token(&mesh),
+            WatchUsersRequest {
+                after_sequence: None,
+            },
+        ))
+        .await
+        .expect("watch the second replica")
+        .into_inner();
+    let within = Duration::from_secs(10);
+    let next_name = async |stream: &mut tonic::Streaming<mesh_proto::users::v1::UserEvent>| {
+        tokio::time::timeout(within, stream.next())
+            .await
+            .expect("the other replica's commit arrives long before the next poll")
+            .expect("stream open")
+            .expect("event")
+            .user
+            .map(|u| u.display_name)
+            .unwrap_or_default()
+    };
+
+    // Written through the first replica, seen on the second.
+    let alice = user(&mesh);
+    create(&mesh, &alice, "Alice").await;
+    assert_eq!(next_name(&mut subscriber).await, "Alice");
+
+    // The second replica's listening connection is cut: it listens again and goes on.
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
+        .await
+        .expect("admin connection");
+    let (cut,): (i64,) = sqlx::query_as(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE query LIKE 'LISTEN%' AND datname = $1",
+    )
+    .bind(url.rsplit('/').next().and_then(|t| t.split('?').next()))
+    .fetch_one(&mut admin)
+    .await
+    .expect("cut the listening connections");
+    assert!(cut >= 1, "both replicas listen on their own connection");
+    let bob = user(&mesh);
+    // Announcements made while the listener reconnects may be lost; the reconnect itself reads
+    // the log again, so Bob's profile arrives either way.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    create(&mesh, &bob, "Bob").await;
+    assert_eq!(next_name(&mut subscriber).await, "Bob");
+
+    drop(subscriber);
+    second.shutdown().await.expect("second replica stops");
+    mesh.stop().await;
+}
