@@ -97,17 +97,27 @@ fn get_user() {
     assert!(figure(&value, "GetUser / echo throughput") > 0.0);
 }
 
-/// `get-me`: a direct GetUser and GetMe through the aggregator, with the ratios.
+/// `get-me`: a direct GetUser and GetMe through the aggregator, over native gRPC and over
+/// gRPC-Web, with the ratios.
 #[test]
 fn get_me() {
     let value = run("get-me", &[]);
-    assert_eq!(names(&value).len(), 3, "{value}");
+    assert_eq!(
+        names(&value)[1..],
+        [
+            "users GetUser, direct",
+            "GetMe over gRPC-Web (HTTP/1.1)",
+            "GetMe through the aggregator",
+        ],
+        "{value}"
+    );
     for m in &value["measurements"].as_array().expect("list")[1..] {
         assert!(m["calls"].as_u64() > Some(0), "{m}");
         assert_eq!(m["errors"], 0, "{m}");
     }
     assert!(figure(&value, "GetMe / echo throughput") > 0.0);
     assert!(figure(&value, "GetMe p99 / p50") >= 1.0);
+    assert!(figure(&value, "GetMe gRPC-Web / native gRPC throughput") > 0.0);
 }
 
 /// `get-me --tls`: GetMe with TLS everywhere beside plaintext, and new connections of both
@@ -119,6 +129,7 @@ fn get_me_tls() {
         names(&value)[1..],
         [
             "users GetUser, direct",
+            "GetMe over gRPC-Web (HTTP/1.1)",
             "GetMe through the aggregator",
             "GetMe, TLS everywhere",
             "new plaintext connections to auth",
@@ -173,8 +184,17 @@ fn watch() {
             "2",
         ],
     );
-    // Two changes to each of 30 subscribers, all timed.
+    // Two changes to each of 30 subscribers, all timed; then two more to 30 native and 30
+    // gRPC-Web subscribers side by side.
     assert_eq!(value["measurements"][1]["calls"], 60, "{value}");
+    assert_eq!(value["measurements"][2]["calls"], 60, "{value}");
+    assert_eq!(value["measurements"][3]["calls"], 60, "{value}");
+    assert!(
+        figure(
+            &value,
+            "change to all, gRPC-Web / native gRPC subscribers, p99"
+        ) > 0.0
+    );
     assert!(figure(&value, "aggregator RSS per WatchProfiles subscriber") >= 0.0);
 }
 

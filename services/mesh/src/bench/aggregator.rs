@@ -631,7 +631,10 @@ pub(super) async fn watch(settings: &Settings) -> Result<Outcome, BenchError> {
     let (mesh, _) = set_up(settings, "watch").await?;
     let user_channels = Arc::new(channels(mesh.users().addr, 1).await?);
     let writer: Caller = populate(&mesh.keys, &user_channels, 1).await?[0].clone();
-    let mut aggregator = aggregator_process(mesh.auth.addr, mesh.users().addr, n + 1).await?;
+    // Room for the second round (gRPC-Web beside native) while the first one's streams close.
+    let web_n = n.min(WEB_SUBSCRIBERS);
+    let mut aggregator =
+        aggregator_process(mesh.auth.addr, mesh.users().addr, n + 1 + 2 * web_n).await?;
     let (pid, addr) = (aggregator.pid(), aggregator.addr);
 
     let connections = channels(addr, n.div_ceil(per_connection)).await?;
@@ -737,7 +740,6 @@ pub(super) async fn watch(settings: &Settings) -> Result<Outcome, BenchError> {
         }
     }
     // gRPC-Web beside native gRPC: the same count of each, the same changes.
-    let web_n = n.min(WEB_SUBSCRIBERS);
     let (native_small, web_small) =
         web_fan_out(addr, &writer, &mut users, web_n, per_connection, events).await?;
     let _ = aggregator.child.kill().await;
