@@ -110,7 +110,7 @@ pub struct Config {
 
     /// A web origin (`scheme://host[:port]`) whose pages may call this server over gRPC-Web;
     /// repeat the flag, or separate origins with commas in the variable. None by default: a
-    /// browser page of another origin is refused at its CORS preflight.
+    /// request that carries any `Origin` (a browser page's) is refused with HTTP 403.
     #[arg(long = "cors-origin", env = "MESH_AGGREGATOR_CORS_ORIGINS", value_delimiter = ',',
           value_parser = mesh_runtime::web::parse_origin)]
     pub cors_origins: Vec<Origin>,

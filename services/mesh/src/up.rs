@@ -283,7 +283,19 @@ pub(crate) async fn run(args: UpArgs, log_format: LogFormat) -> Result<(), UpErr
         let addr = listener.local_addr().unwrap_or(args.console_listen);
         Some((listener, format!("http://{addr}")))
     };
-    let origin = console.as_ref().map(|(_, origin)| origin.as_str());
+    // The page's origin as the browser names it: on loopback, `localhost` as well.
+    let origins: Vec<String> = console
+        .as_ref()
+        .map(|(listener, origin)| {
+            let mut origins = vec![origin.clone()];
+            if let Ok(addr) = listener.local_addr()
+                && addr.ip().is_loopback()
+            {
+                origins.push(format!("http://localhost:{}", addr.port()));
+            }
+            origins
+        })
+        .unwrap_or_default();
     let mut services = Vec::with_capacity(plan.len());
     for (name, addr) in plan {
         let launch = Launch {
@@ -292,7 +304,7 @@ pub(crate) async fn run(args: UpArgs, log_format: LogFormat) -> Result<(), UpErr
             log_format,
             secret: &secret,
             pki: pki.as_ref(),
-            cors_origin: origin,
+            cors_origins: &origins,
         };
         match spawn(&launch, name, addr) {
             Ok(service) => services.push(service),
@@ -393,8 +405,8 @@ struct Launch<'a> {
     log_format: LogFormat,
     secret: &'a RunSecret,
     pki: Option<&'a DevPki>,
-    /// The console's origin, which the aggregator allows through CORS.
-    cors_origin: Option<&'a str>,
+    /// The console's origins, which the aggregator allows.
+    cors_origins: &'a [String],
 }
 
 fn spawn(launch: &Launch<'_>, name: &'static str, addr: SocketAddr) -> Result<Service, UpError> {
@@ -404,7 +416,7 @@ fn spawn(launch: &Launch<'_>, name: &'static str, addr: SocketAddr) -> Result<Se
         log_format,
         secret,
         pki,
-        cors_origin,
+        cors_origins,
     } = launch;
     let mut server = args.server.clone();
     let mut client = ClientTlsConfig::default();
@@ -453,7 +465,7 @@ fn spawn(launch: &Launch<'_>, name: &'static str, addr: SocketAddr) -> Result<Se
         command
             .arg("--users-url")
             .arg(url_of(scheme, args.users_listen));
-        if let Some(origin) = cors_origin {
+        for origin in cors_origins {
             command.arg("--cors-origin").arg(origin);
         }
     }

@@ -21,7 +21,8 @@
 //!   holds neither; a server stream holds them while it streams;
 //! - **the caller's deadline.** A call whose `grpc-timeout` passes before its handler answers
 //!   ends `DEADLINE_EXCEEDED`, and so does a server stream still open at its deadline (its
-//!   trailers say so; what it held is given back). tonic's own server timeout answers such a
+//!   trailers say so, at the next poll of its body: a client that stops reading leaves the
+//!   body unpolled, and holds its stream until flow control or the connection's age ends it). tonic's own server timeout answers such a
 //!   call `CANCELLED` ("Timeout expired") and ignores streams already answering; this layer's
 //!   deadline is taken first, so it always wins that race;
 //! - **the drain.** Calls are counted in the server's [`InFlight`], and cut off with

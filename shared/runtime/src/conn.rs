@@ -12,7 +12,9 @@
 //! - a connection must send its first 24 bytes (the length of the HTTP/2 preface, and less
 //!   than any TLS ClientHello) and, on a TLS port, finish the TLS handshake, within
 //!   [`ConnLimits::handshake_timeout`], or it is closed before tonic sees it (its slot is held
-//!   meanwhile, so the connection bounds also bound handshakes in progress);
+//!   meanwhile, so the connection bounds also bound handshakes in progress); on a server that
+//!   also takes HTTP/1.1 (gRPC-Web) those bytes are the start of the request line, and the
+//!   rest of the headers must follow within hyper's 30 s header timer;
 //! - a connection with no call open for [`ConnLimits::idle_timeout`] is closed;
 //! - on a TLS port, one address may start [`ConnLimits::tls_handshakes_per_second`] handshakes
 //!   a second (twice that at once): a handshake costs the server far more CPU than the client.

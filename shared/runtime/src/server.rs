@@ -384,7 +384,11 @@ pub async fn serve(
             "serving gRPC-Web (HTTP/1.1 and HTTP/2) beside gRPC"
         );
     }
-    let cors = spec.web.clone().unwrap_or_default().cors();
+    let web = spec.web.clone().unwrap_or_default();
+    let (guard, cors) = (
+        web.guard(usize::try_from(MAX_HEADER_LIST_BYTES).unwrap_or(usize::MAX)),
+        web.cors(),
+    );
 
     let server = tonic::transport::Server::builder()
         // HTTP/1.1 only where browsers are served (gRPC-Web); HTTP/2 everywhere.
@@ -404,8 +408,11 @@ pub async fn serve(
         .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
         .http2_max_pending_accept_reset_streams(Some(20))
         .http2_max_local_error_reset_streams(Some(256))
-        // Outermost: CORS preflights are answered here (a server with no origins named allows
-        // none), and a gRPC-Web call becomes a gRPC call for every layer below.
+        // Outermost: a request from a browser page of an origin not named is refused (a
+        // server with no origins named takes none), as is a header block beyond the HTTP/2
+        // bound (HTTP/1.1 has no such bound of its own); CORS preflights are answered; a
+        // gRPC-Web call becomes a gRPC call for every layer below.
+        .layer(guard)
         .layer(cors)
         .layer(tonic_web::GrpcWebLayer::new())
         // Every call, even one refused by a later layer, gets a request id...

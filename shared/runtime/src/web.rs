@@ -11,10 +11,23 @@
 //! CORS is `tower-http`'s layer, strict by default: no origin is allowed unless named
 //! (`--cors-origin`, exact `scheme://host[:port]`, no wildcard). The bearer token travels in
 //! the `authorization` header, never in a cookie, so no credentials are allowed either.
+//!
+//! CORS alone only keeps a page from *reading* answers: a page of any site may still *send* a
+//! simple `POST` (`fetch` with `mode: "no-cors"`, no preflight), and over plaintext HTTP/1.1 a
+//! DNS-rebinding page even reads them. So [`GuardLayer`], in front of CORS, refuses every
+//! request whose `Origin` is not named (403): browsers send `Origin` with every `POST`, native
+//! gRPC clients send none. It also bounds a request's header block as HTTP/2's is bounded
+//! (431 beyond [`crate::MAX_HEADER_LIST_BYTES`]), since hyper's HTTP/1.1 parser alone takes
+//! about 400 KiB and tonic does not expose its limit.
 
-use std::time::Duration;
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use http::{HeaderName, HeaderValue, Method};
+use futures_util::future::{Either, Ready, ready};
+use http::{HeaderName, HeaderValue, Method, StatusCode};
 use mesh_proto::headers::name;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
@@ -64,6 +77,16 @@ impl WebAccess {
         self.origins.iter().filter_map(|o| o.to_str().ok())
     }
 
+    /// The guard in front of CORS: requests from other origins refused, header blocks bounded
+    /// to `max_header_bytes` (counted as HTTP/2 counts a header list: name, value and 32 bytes
+    /// per entry).
+    pub fn guard(&self, max_header_bytes: usize) -> GuardLayer {
+        GuardLayer {
+            allowed: self.origins.clone().into(),
+            max_header_bytes,
+        }
+    }
+
     /// The CORS layer for these origins: preflights answered at once, `POST` only, the
     /// gRPC-Web headers allowed and the status headers exposed.
     pub fn cors(&self) -> CorsLayer {
@@ -74,6 +97,73 @@ impl WebAccess {
             .expose_headers(EXPOSED_HEADERS)
             .max_age(PREFLIGHT_MAX_AGE)
     }
+}
+
+/// Refuses requests from origins not named, and header blocks beyond the bound: see the
+/// [module](self).
+#[derive(Debug, Clone)]
+pub struct GuardLayer {
+    allowed: Arc<[HeaderValue]>,
+    max_header_bytes: usize,
+}
+
+impl<S> tower::Layer<S> for GuardLayer {
+    type Service = Guard<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Guard {
+            inner,
+            allowed: self.allowed.clone(),
+            max_header_bytes: self.max_header_bytes,
+        }
+    }
+}
+
+/// The service of [`GuardLayer`].
+#[derive(Debug, Clone)]
+pub struct Guard<S> {
+    inner: S,
+    allowed: Arc<[HeaderValue]>,
+    max_header_bytes: usize,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Guard<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Either<S::Future, Ready<Result<Self::Response, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let headers = request.headers();
+        let header_bytes: usize = headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 32)
+            .sum();
+        if header_bytes > self.max_header_bytes {
+            return Either::Right(ready(Ok(refusal(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ))));
+        }
+        if let Some(origin) = headers.get(http::header::ORIGIN)
+            && !self.allowed.contains(origin)
+        {
+            return Either::Right(ready(Ok(refusal(StatusCode::FORBIDDEN))));
+        }
+        Either::Left(self.inner.call(request))
+    }
+}
+
+/// An HTTP refusal with no body: the request never reaches gRPC.
+fn refusal(status: StatusCode) -> http::Response<tonic::body::Body> {
+    let mut response = http::Response::new(tonic::body::Body::empty());
+    *response.status_mut() = status;
+    response
 }
 
 /// A web origin, `scheme://host[:port]`, as a browser sends it in `Origin`.
@@ -114,10 +204,17 @@ pub fn parse_origin(s: &str) -> Result<Origin, String> {
             "{s:?} is not an origin: no user name or wildcard may appear in it"
         ));
     }
-    let canonical = format!("{scheme}://{authority}");
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    if authority.port_u16() == Some(default_port) {
+        return Err(format!(
+            "{s:?} is not an origin as browsers send it: leave out the default port {default_port}"
+        ));
+    }
+    let canonical = format!("{scheme}://{}", authority.as_str().to_ascii_lowercase());
     if canonical != s {
         return Err(format!(
-            "{s:?} is not an origin: write it as {canonical:?} (no path, no trailing slash)"
+            "{s:?} is not an origin as browsers send it: write it as {canonical:?} (lower case, \
+             no path, no trailing slash)"
         ));
     }
     HeaderValue::from_str(s)
@@ -151,6 +248,9 @@ mod tests {
             "https://*.example.com",
             "https://user@example.com",
             "https://example.com?x=1",
+            "https://Example.com",
+            "https://example.com:443",
+            "http://example.com:80",
         ] {
             assert!(parse_origin(bad).is_err(), "{bad:?} was accepted");
         }

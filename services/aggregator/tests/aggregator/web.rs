@@ -60,6 +60,15 @@ fn preflight(origin: &str) -> String {
     )
 }
 
+/// A gRPC-Web GetMe with no token (an empty message), as a page of `origin` sends it.
+fn get_me_from(origin: &str) -> String {
+    format!(
+        "POST /mesh.aggregator.v1.AggregatorService/GetMe HTTP/1.1\r\nHost: aggregator\r\n\
+         Origin: {origin}\r\nContent-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\n\
+         Content-Length: 5\r\nConnection: close\r\n\r\n\0\0\0\0\0"
+    )
+}
+
 #[tokio::test]
 async fn grpc_web_calls_work_as_native_ones_do() {
     let mesh = start().await;
@@ -230,18 +239,36 @@ async fn cors_preflights_allow_only_the_named_origins() {
     for other in ["https://evil.example", "http://console.test:8081", "null"] {
         let refused = http1(addr, &preflight(other)).await;
         assert!(
+            refused.starts_with("http/1.1 403"),
+            "{other} is refused: {refused}"
+        );
+        assert!(
             !refused.contains("access-control-allow-origin"),
             "{other} is not allowed: {refused}"
         );
+        // Nor may a page of that origin send a call without asking first (a `no-cors` fetch,
+        // or a DNS-rebinding page that is the server's origin as far as the browser knows).
+        let sent = http1(addr, &get_me_from(other)).await;
+        assert!(
+            sent.starts_with("http/1.1 403"),
+            "{other} cannot call: {sent}"
+        );
     }
+    // The named origin's call goes through (and is answered by the aggregator: no token).
+    let named = http1(addr, &get_me_from(CONSOLE)).await;
+    assert!(named.starts_with("http/1.1 200"), "{named}");
+    assert!(named.contains("grpc-status: 16"), "{named}");
+    assert!(
+        named.contains(&format!("access-control-allow-origin: {CONSOLE}")),
+        "{named}"
+    );
 
     // A server that names no origin allows none (the default).
     let strict = TestMesh::builder().aggregator().start().await;
     let refused = http1(strict.aggregator().addr, &preflight(CONSOLE)).await;
-    assert!(
-        !refused.contains("access-control-allow-origin"),
-        "{refused}"
-    );
+    assert!(refused.starts_with("http/1.1 403"), "{refused}");
+    let sent = http1(strict.aggregator().addr, &get_me_from(CONSOLE)).await;
+    assert!(sent.starts_with("http/1.1 403"), "{sent}");
     strict.stop().await;
 
     // Plain HTTP/1.1 that is not gRPC-Web is refused, and auth and users speak no HTTP/1.1.
@@ -260,12 +287,25 @@ async fn cors_preflights_allow_only_the_named_origins() {
     mesh.stop().await;
 }
 
-/// HTTP/1.1 headers are bounded as HTTP/2's are: a request whose header block is far beyond
-/// what a browser sends is refused, and the server goes on serving.
+/// HTTP/1.1 headers are bounded as HTTP/2's are (16 KiB): a request whose header block is
+/// beyond it is refused with 431 before it reaches gRPC (hyper alone would take ≈ 400 KiB),
+/// one far beyond hyper's buffer is never served, and the server goes on serving.
 #[tokio::test]
 async fn oversized_http1_headers_are_refused() {
     let mesh = start().await;
     let addr = mesh.aggregator().addr;
+    let padded = |bytes: usize| {
+        format!(
+            "POST /mesh.aggregator.v1.AggregatorService/GetMe HTTP/1.1\r\nHost: a\r\n\
+             X-Padding: {}\r\nContent-Type: application/grpc-web\r\nContent-Length: 5\r\n\
+             Connection: close\r\n\r\n\0\0\0\0\0",
+            "a".repeat(bytes)
+        )
+    };
+    let over = http1(addr, &padded(20 * 1024)).await;
+    assert!(over.starts_with("http/1.1 431"), "{over:.200}");
+    let within = http1(addr, &padded(8 * 1024)).await;
+    assert!(within.starts_with("http/1.1 200"), "{within:.200}");
     let huge = "a".repeat(1024 * 1024);
     let answer = http1(
         addr,

@@ -494,9 +494,6 @@ async fn one_request_is_one_trace_across_all_three_services() {
     );
 }
 
-/// With the collector accepting connections but never answering, calls still succeed at once
-/// and the aggregator's memory stays flat however many calls it serves: spans beyond the
-/// bounded queue are dropped, not kept.
 /// A gRPC-Web call (HTTP/1.1, as a browser sends it) is one trace across the three services
 /// too: the aggregator's server span is the child of the caller's `traceparent`, and auth's and
 /// users' server spans are children of the aggregator's client spans.
@@ -562,6 +559,9 @@ async fn a_grpc_web_call_is_one_trace_too() {
     }
 }
 
+/// With the collector accepting connections but never answering, calls still succeed at once
+/// and the aggregator's memory stays flat however many calls it serves: spans beyond the
+/// bounded queue are dropped, not kept.
 #[tokio::test]
 async fn a_dead_collector_costs_dropped_spans_not_memory() {
     let _machine = crate::common::process_test().await;

@@ -213,16 +213,20 @@ export const ProfileEventKind = /*@__PURE__*/
  * are NOT_SERVING while either is unreachable, for monitoring.
  *
  * Deadlines: a call's `grpc-timeout` bounds all of it, streams included; a server stream still
- * open at its deadline ends DEADLINE_EXCEEDED.
+ * open at its deadline ends DEADLINE_EXCEEDED (at the next message the client reads: a client
+ * that stops reading holds its stream until flow control or the connection's age ends it).
  *
  * Browsers: the same port serves gRPC-Web (`application/grpc-web`, `+proto` and `-text`) over
  * HTTP/1.1 and HTTP/2, with the same metadata (`authorization`, `x-request-id`, `grpc-timeout`,
- * `traceparent`), limits and errors as native gRPC; the status travels in the trailer frame,
- * or in the headers of an answer without messages. A page of another origin must have its
- * origin named on the server (`--cors-origin`; none by default): CORS preflights are answered
- * for those origins only, for `POST` with those headers, exposing `grpc-status`,
- * `grpc-message`, `x-request-id` and `retry-after`. HTTP/1.1 carries one call at a time per
- * connection, so the limit of connections per client address also bounds a browser's calls.
+ * `traceparent`), limits (header blocks at most 16 KiB: 431 beyond) and errors as native gRPC;
+ * the status travels in the trailer frame, or in the headers of an answer without messages. A
+ * request that carries an `Origin` (every browser `POST` does) is refused with HTTP 403 unless
+ * that origin is named on the server (`--cors-origin`; none by default), preflights included;
+ * for a named origin, preflights allow `POST` with the gRPC-Web headers and expose
+ * `grpc-status`, `grpc-message`, `grpc-status-details-bin`, `x-request-id` and `retry-after`.
+ * Clients that send no `Origin` (native gRPC, servers) are not affected. HTTP/1.1 carries one
+ * call at a time per connection, so the limit of connections per client address also bounds
+ * a browser's calls.
  *
  * @generated from service mesh.aggregator.v1.AggregatorService
  */
