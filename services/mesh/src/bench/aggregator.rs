@@ -22,7 +22,7 @@ use std::{
 
 use mesh_proto::{
     aggregator::v1::{
-        GetMeRequest, GetProfilesRequest, SignUpRequest, WatchProfilesRequest,
+        GetMeRequest, GetProfilesRequest, ProfileEvent, SignUpRequest, WatchProfilesRequest,
         aggregator_service_client::AggregatorServiceClient,
     },
     users::v1::{GetUserRequest, UpdateUserRequest, User, user_service_client::UserServiceClient},
@@ -517,6 +517,100 @@ async fn aggregator_process(
     service_process(command, addr, mesh_aggregator::SERVICE_NAME).await
 }
 
+/// One round of the `watch` scenario: `events` changes, each sent once the last has reached
+/// all `total` subscribers, and the time from each change to each subscriber.
+struct Round {
+    total: usize,
+    sent_at: Arc<Vec<OnceLock<Instant>>>,
+    received: Arc<AtomicUsize>,
+    all_in: Arc<Notify>,
+}
+
+impl Round {
+    fn new(events: usize, total: usize) -> Self {
+        Self {
+            total,
+            sent_at: Arc::new((0..events).map(|_| OnceLock::new()).collect()),
+            received: Arc::new(AtomicUsize::new(0)),
+            all_in: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Reads the round's events from `stream`, timing each: `tag` and the latencies, once the
+    /// stream has had them all (or ended).
+    fn follow<T: Send + 'static>(
+        &self,
+        mut stream: tonic::Streaming<ProfileEvent>,
+        tag: T,
+    ) -> tokio::task::JoinHandle<(T, Latencies)> {
+        let (total, received, all_in, sent_at) = (
+            self.total,
+            self.received.clone(),
+            self.all_in.clone(),
+            self.sent_at.clone(),
+        );
+        tokio::spawn(async move {
+            let mut latencies = Latencies::default();
+            for (k, sent) in sent_at.iter().enumerate() {
+                let Some(Ok(_)) = stream.next().await else {
+                    break;
+                };
+                if let Some(at) = sent.get() {
+                    latencies.record(at.elapsed());
+                }
+                if received.fetch_add(1, Ordering::SeqCst) + 1 == total * (k + 1) {
+                    all_in.notify_one();
+                }
+            }
+            (tag, latencies)
+        })
+    }
+
+    /// Sends the round's changes (the writer's bio, `what` in it), each once the last has
+    /// reached every subscriber (60 s at most).
+    async fn send(
+        &self,
+        users: &mut UserServiceClient<tonic::transport::Channel>,
+        writer: &Caller,
+        what: &str,
+    ) -> Result<(), BenchError> {
+        let total = self.total;
+        for (k, slot) in self.sent_at.iter().enumerate() {
+            let _ = slot.set(Instant::now());
+            users
+                .update_user(bearer(
+                    &writer.token,
+                    UpdateUserRequest {
+                        user: Some(User {
+                            id: writer.id.clone(),
+                            bio: format!("change {k} {what}"),
+                            ..User::default()
+                        }),
+                        update_mask: Some(prost_types::FieldMask {
+                            paths: vec!["bio".into()],
+                        }),
+                        expected_version: 0,
+                    },
+                ))
+                .await
+                .map_err(|e| setup(format!("update: {e}")))?;
+            tokio::time::timeout(Duration::from_secs(60), async {
+                while self.received.load(Ordering::SeqCst) < total * (k + 1) {
+                    self.all_in.notified().await;
+                }
+            })
+            .await
+            .map_err(|_| {
+                setup(format!(
+                    "change {k} {what}: only {} of {total} subscribers got it within 60 s",
+                    self.received.load(Ordering::SeqCst) - total * k
+                ))
+            })?;
+        }
+        Ok(())
+    }
+}
+
 /// gRPC-Web subscribers of the `watch` scenario's second round (each its own connection).
 const WEB_SUBSCRIBERS: usize = 256;
 
@@ -552,63 +646,15 @@ async fn web_fan_out(
             stream.map_err(|e| setup(format!("web watch {i}: {e}")))?,
         ));
     }
-    let total = streams.len();
-    let sent_at: Arc<Vec<OnceLock<Instant>>> =
-        Arc::new((0..events).map(|_| OnceLock::new()).collect());
-    let received = Arc::new(AtomicUsize::new(0));
-    let all_in = Arc::new(Notify::new());
-    let mut tasks = Vec::with_capacity(total);
-    for (is_web, stream) in streams {
-        let mut stream = stream.into_inner();
-        let (received, all_in, sent_at) = (received.clone(), all_in.clone(), sent_at.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Latencies::default();
-            for k in 0..events {
-                let Some(Ok(_)) = stream.next().await else {
-                    break;
-                };
-                if let Some(at) = sent_at[k].get() {
-                    latencies.record(at.elapsed());
-                }
-                if received.fetch_add(1, Ordering::SeqCst) + 1 == total * (k + 1) {
-                    all_in.notify_one();
-                }
-            }
-            (is_web, latencies)
-        }));
-    }
+    let round = Round::new(events, streams.len());
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .map(|(is_web, stream)| round.follow(stream.into_inner(), is_web))
+        .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for (k, slot) in sent_at.iter().enumerate() {
-        let _ = slot.set(Instant::now());
-        users
-            .update_user(bearer(
-                &writer.token,
-                UpdateUserRequest {
-                    user: Some(User {
-                        id: writer.id.clone(),
-                        bio: format!("change {k} for gRPC-Web and native subscribers"),
-                        ..User::default()
-                    }),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec!["bio".into()],
-                    }),
-                    expected_version: 0,
-                },
-            ))
-            .await
-            .map_err(|e| setup(format!("update: {e}")))?;
-        tokio::time::timeout(Duration::from_secs(60), async {
-            while received.load(Ordering::SeqCst) < total * (k + 1) {
-                all_in.notified().await;
-            }
-        })
-        .await
-        .map_err(|_| {
-            setup(format!(
-                "web round, change {k}: not everyone got it within 60 s"
-            ))
-        })?;
-    }
+    round
+        .send(users, writer, "for gRPC-Web and native subscribers")
+        .await?;
     let (mut native_latencies, mut web_latencies) = (Latencies::default(), Latencies::default());
     for task in tasks {
         if let Ok((is_web, latencies)) = task.await {
@@ -663,10 +709,7 @@ pub(super) async fn watch(settings: &Settings) -> Result<Outcome, BenchError> {
     let rss_before_kib = mesh_testkit::proc_status_kib(pid, "VmRSS");
 
     let events = settings.events;
-    let sent_at: Arc<Vec<OnceLock<Instant>>> =
-        Arc::new((0..events).map(|_| OnceLock::new()).collect());
-    let received = Arc::new(AtomicUsize::new(0));
-    let all_in = Arc::new(Notify::new());
+    let round = Round::new(events, n);
     let mut streams = vec![first];
     for i in 1..n {
         let stream = subscribe(i)
@@ -675,67 +718,21 @@ pub(super) async fn watch(settings: &Settings) -> Result<Outcome, BenchError> {
             .into_inner();
         streams.push(stream);
     }
-    let mut subscribers = Vec::with_capacity(n);
-    for mut stream in streams {
-        let (received, all_in, sent_at) = (received.clone(), all_in.clone(), sent_at.clone());
-        subscribers.push(tokio::spawn(async move {
-            let mut latencies = Latencies::default();
-            for k in 0..events {
-                let Some(Ok(_)) = stream.next().await else {
-                    break;
-                };
-                if let Some(at) = sent_at[k].get() {
-                    latencies.record(at.elapsed());
-                }
-                if received.fetch_add(1, Ordering::SeqCst) + 1 == n * (k + 1) {
-                    all_in.notify_one();
-                }
-            }
-            latencies
-        }));
-    }
+    let subscribers: Vec<_> = streams
+        .into_iter()
+        .map(|stream| round.follow(stream, ()))
+        .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_after_kib = mesh_testkit::proc_status_kib(pid, "VmRSS");
 
     let mut users = UserServiceClient::new(user_channels[0].clone());
-    for (k, slot) in sent_at.iter().enumerate() {
-        let _ = slot.set(Instant::now());
-        users
-            .update_user(bearer(
-                &writer.token,
-                UpdateUserRequest {
-                    user: Some(User {
-                        id: writer.id.clone(),
-                        bio: format!("change {k} for everyone"),
-                        ..User::default()
-                    }),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec!["bio".into()],
-                    }),
-                    expected_version: 0,
-                },
-            ))
-            .await
-            .map_err(|e| setup(format!("update: {e}")))?;
-        tokio::time::timeout(Duration::from_secs(60), async {
-            while received.load(Ordering::SeqCst) < n * (k + 1) {
-                all_in.notified().await;
-            }
-        })
-        .await
-        .map_err(|_| {
-            setup(format!(
-                "change {k}: only {} of {n} subscribers got it within 60 s",
-                received.load(Ordering::SeqCst) - n * k
-            ))
-        })?;
-    }
+    round.send(&mut users, &writer, "for everyone").await?;
     // Once every stream has sent something, its buffers exist: what a live subscriber costs.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_live_kib = mesh_testkit::proc_status_kib(pid, "VmRSS");
     let mut fan_out = Latencies::default();
     for subscriber in subscribers {
-        if let Ok(latencies) = subscriber.await {
+        if let Ok(((), latencies)) = subscriber.await {
             fan_out.merge(&latencies);
         }
     }
