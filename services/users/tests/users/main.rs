@@ -21,6 +21,17 @@ use mesh_testkit::{Database, TestMesh, bearer};
 use tokio_stream::StreamExt as _;
 use tonic::Streaming;
 
+/// The PostgreSQL server's admin URL, for tests that only PostgreSQL can run (`None`, and a
+/// loud skip, outside CI when none is named).
+fn postgres_admin_url() -> Option<String> {
+    mesh_testkit::databases()
+        .into_iter()
+        .find_map(|database| match database {
+            Database::Postgres(admin_url) => Some(admin_url),
+            Database::Sqlite => None,
+        })
+}
+
 /// Auth and users on `database`.
 async fn start(database: Database) -> TestMesh {
     start_with(database, |_| {}).await

@@ -7,8 +7,7 @@ use mesh_proto::users::v1::{
     CreateUserRequest, GetUserRequest, ListUsersRequest, user_service_client::UserServiceClient,
 };
 use mesh_testkit::{
-    Database, assert_standard_server, bearer, connect, databases, start_users, users_config,
-    wait_for_health,
+    Database, assert_standard_server, bearer, connect, start_users, users_config, wait_for_health,
 };
 use sqlx::Connection as _;
 use tonic::Code;
@@ -30,10 +29,7 @@ async fn health_and_reflection() {
 /// both recover when the database comes back — without a restart.
 #[tokio::test]
 async fn the_database_going_away_and_coming_back() {
-    let Some(admin_url) = databases().into_iter().find_map(|database| match database {
-        Database::Postgres(admin_url) => Some(admin_url),
-        Database::Sqlite => None,
-    }) else {
+    let Some(admin_url) = crate::postgres_admin_url() else {
         return;
     };
     // A prefix of its own: while the database refuses connections, a test creating a database

@@ -373,10 +373,7 @@ async fn shutdown_ends_watch_streams_with_unavailable() {
 /// listening connection was cut and made again.
 #[tokio::test]
 async fn replicas_learn_of_each_others_commits_at_once() {
-    let Some(admin_url) = databases().into_iter().find_map(|database| match database {
-        Database::Postgres(admin_url) => Some(admin_url),
-        Database::Sqlite => None,
-    }) else {
+    let Some(admin_url) = crate::postgres_admin_url() else {
         return;
     };
     let url =
