@@ -199,11 +199,17 @@ impl Inner {
     }
 
     /// Verifies an access token online: signature, claims, and (for a user) a live session.
-    async fn validate(&self, token: &str) -> Result<Claims, AuthError> {
-        let claims = self.issuer.verify(token, unix_now()).map_err(|err| {
+    /// The token's claims if its signature, issuer, audience and times are right; its session
+    /// is not looked at.
+    fn verify_signature(&self, token: &str) -> Result<Claims, AuthError> {
+        self.issuer.verify(token, unix_now()).map_err(|err| {
             tracing::debug!(reason = %err, "access token refused");
             AuthError::BadToken
-        })?;
+        })
+    }
+
+    async fn validate(&self, token: &str) -> Result<Claims, AuthError> {
+        let claims = self.verify_signature(token)?;
         if claims.is_service() {
             return Ok(claims);
         }
@@ -384,16 +390,25 @@ impl Inner {
         }
     }
 
+    /// One query: the caller's live sessions, which must hold the token's own (the token is
+    /// refused otherwise, as [`Self::validate`] would: the same rule, without its query).
     async fn list_sessions(
         &self,
         request: Request<ListSessionsRequest>,
     ) -> Result<ListSessionsResponse, AuthError> {
-        let claims = self.caller(&request).await?;
-        let current = claims.sid.unwrap_or_default();
-        let sessions = self
-            .store
-            .live_sessions(&claims.sub, now_ms())
-            .await?
+        let token = bearer(&request).ok_or(AuthError::BadToken)?;
+        let claims = self.verify_signature(token)?;
+        if claims.is_service() {
+            return Err(AuthError::PermissionDenied(
+                "a service token has no account or sessions",
+            ));
+        }
+        let current = claims.sid.ok_or(AuthError::BadToken)?;
+        let live = self.store.live_sessions(&claims.sub, now_ms()).await?;
+        if !live.iter().any(|s| s.session_id == current) {
+            return Err(AuthError::BadToken);
+        }
+        let sessions = live
             .into_iter()
             .map(|s| Session {
                 current: s.session_id == current,

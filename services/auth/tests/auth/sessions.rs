@@ -115,6 +115,18 @@ async fn session_lifecycle() {
             .await
             .expect_err("logged out");
         assert_eq!(gone.code(), Code::Unauthenticated);
+        // ListSessions refuses the tokens of ended sessions too (it checks the session in the
+        // same query that lists them): a logged-out one and one revoked by reuse.
+        for (ended, token) in [
+            ("logged out", &second.access_token),
+            ("revoked", &rotated.access_token),
+        ] {
+            let listed = c
+                .list_sessions(bearer(token, ListSessionsRequest {}))
+                .await
+                .expect_err(ended);
+            assert_eq!(listed.code(), Code::Unauthenticated, "{ended}");
+        }
         let refresh = c
             .refresh(RefreshRequest {
                 refresh_token: second.refresh_token.clone(),
