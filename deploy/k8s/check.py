@@ -16,6 +16,7 @@ Usage: deploy/k8s/check.py [kubernetes-version]   (run by scripts/test)
 """
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -165,7 +166,10 @@ def check_common(overlay, docs):
                 )
         pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {})
         pause = pre_stop.get("seconds", 0)
-        check(pause > 0, f"{name}: no preStop pause before the drain")
+        # Clients resolve the headless names every 5 s (RESOLVE_INTERVAL in mesh_runtime's
+        # client) and the cluster DNS answers with a 5 s TTL: the pause must outlast both, or a
+        # client can still hold only the stopping pod (deploy/k8s/rehearse.py shows it).
+        check(pause >= 10, f"{name}: preStop pause {pause} s is shorter than re-resolving (10 s)")
         grace = pod.get("terminationGracePeriodSeconds", 30)
         check(
             grace > pause + GRACE_SECONDS,
@@ -195,6 +199,22 @@ def check_common(overlay, docs):
         check("OTEL_EXPORTER_OTLP_ENDPOINT" in data, f"{where} no OTLP endpoint")
 
     check_tls(where, docs)
+    check_labels(where, docs)
+
+
+RECOMMENDED_LABELS = ("name", "instance", "version", "component", "part-of", "managed-by")
+
+
+def check_labels(where, docs):
+    """The recommended app.kubernetes.io labels on every object and pod template."""
+    for doc in docs:
+        name = f'{where} {doc["kind"]}/{doc["metadata"]["name"]}'
+        places = [("metadata.labels", doc["metadata"].get("labels") or {})]
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            places.append(("spec.template.metadata.labels", doc["spec"]["template"]["metadata"].get("labels") or {}))
+        for field, labels in places:
+            missing = [k for k in RECOMMENDED_LABELS if f"app.kubernetes.io/{k}" not in labels]
+            check(not missing, f"{name} {field}: no app.kubernetes.io/{', '.join(missing)}")
 
     policies = of_kind(docs, "NetworkPolicy")
     deny = [
@@ -343,6 +363,12 @@ def check_prod(docs):
         check(pod.get("topologySpreadConstraints"), f"[prod] {service}: no topology spread")
         check(by_name(docs, "PodDisruptionBudget", service) is not None, f"[prod] {service}: no PDB")
     check(by_name(docs, "StatefulSet", "postgres") is None, "[prod] runs its own PostgreSQL")
+    for work in workloads(docs):
+        for container in work["spec"]["template"]["spec"]["containers"]:
+            check(
+                re.search(r"@sha256:[0-9a-f]{64}$", container["image"]) is not None,
+                f'[prod] {work["kind"]}/{work["metadata"]["name"]} container {container["name"]}: image {container["image"]} is not by digest',
+            )
     public = by_name(docs, "Certificate", "aggregator-public-tls")
     check(
         public is not None and public["spec"]["issuerRef"].get("kind") == "ClusterIssuer",
@@ -350,7 +376,17 @@ def check_prod(docs):
     )
 
 
+def check_dockerignore():
+    """The image's build context: sources only, no build outputs or fuzz artefacts."""
+    path = ROOT.parent.parent / ".dockerignore"
+    lines = {line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")}
+    for entry in ("target/", "fuzz/target/", "fuzz/corpus/", "fuzz/artifacts/", "fuzz/coverage/",
+                  ".git/", "node_modules/", "tools/.venv/", ".mesh/"):
+        check(entry in lines, f".dockerignore: does not keep {entry} out of the image's build context")
+
+
 def main():
+    check_dockerignore()
     for overlay, extra in (("dev", check_dev), ("prod", check_prod)):
         docs = render(overlay)
         check_common(overlay, docs)

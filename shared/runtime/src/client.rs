@@ -96,7 +96,7 @@ impl Pool {
 }
 
 /// How often a name is resolved again.
-pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(15);
+pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The endpoint settings every mesh client uses: connect timeout, `TCP_NODELAY`, HTTP/2
 /// keepalive; TLS for an `https://` URL.
