@@ -1101,6 +1101,16 @@ class Pod:
 
     def record_connections(self):
         """Connections of the pod's network namespace, from its /proc/net/tcp."""
+        # Until `ip netns exec` has entered the pod's namespace, the process is still in the
+        # node's, whose connections (the kube-proxy stand-in's) are not the pod's.
+        try:
+            if (
+                os.stat(f"/proc/{self.proc.pid}/ns/net").st_ino
+                != os.stat(f"/run/netns/{self.netns}").st_ino
+            ):
+                return
+        except OSError:
+            return
         try:
             text = pathlib.Path(f"/proc/{self.proc.pid}/net/tcp").read_text()
         except OSError:
