@@ -52,7 +52,6 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
     time::Instant,
 };
-use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::Status;
 use tower::{Layer, Service};
 
@@ -368,6 +367,7 @@ where
             ..Held::default()
         };
         let cut_off = admission.in_flight.cut_off_token();
+        let cut_off_wait = admission.in_flight.cut_off_wait();
         Box::pin(async move {
             let admitted = async {
                 if policy.client_streaming {
@@ -434,7 +434,7 @@ where
             Ok(response.map(|inner| HeldBody {
                 inner,
                 held,
-                cut_off: Some(Box::pin(cut_off.cancelled_owned())),
+                cut_off: Some(cut_off_wait),
                 deadline,
                 ended: false,
             }))
@@ -450,7 +450,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: B,
         held: Held,
-        cut_off: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+        cut_off: Option<crate::drain::CutOffWait>,
         deadline: Option<Pin<Box<tokio::time::Sleep>>>,
         ended: bool,
     }
@@ -508,7 +508,7 @@ impl<B: Body<Data = Bytes>> Body for HeldBody<B> {
             return Poll::Ready(None);
         }
         if let Some(cut_off) = this.cut_off.as_mut()
-            && cut_off.as_mut().poll(cx).is_ready()
+            && cut_off.poll_cut_off(cx).is_ready()
         {
             // Cut off by the end of the grace period: finish the call with retryable trailers.
             return Self::finish(this.ended, this.held, &cut_off_status());

@@ -52,17 +52,30 @@ pub fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
     }
 }
 
-/// Runs `main` on a multi-threaded runtime; logs the error's whole cause chain and returns
-/// exit code 1 if it fails.
+/// The builder of the mesh's runtime: multi-threaded, IO and time on, and no LIFO slot.
+///
+/// Without the LIFO slot a task woken by another runs after the tasks already queued, not at
+/// once. In a fan-out (one change waking thousands of stream tasks), each stream's send wakes
+/// its connection's task: in the LIFO slot that task ran after every single stream and wrote
+/// one frame per system call; behind the queue it writes the frames of all the streams woken
+/// before it in one. See docs/benchmarks.md (`watch`). The option needs `--cfg
+/// tokio_unstable` (set in `.cargo/config.toml`); a build without it keeps the slot.
+pub fn runtime_builder() -> tokio::runtime::Builder {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    builder
+}
+
+/// Runs `main` on a multi-threaded runtime ([`runtime_builder`]); logs the error's whole cause
+/// chain and returns exit code 1 if it fails.
 pub fn block_on<E, F>(main: F) -> ExitCode
 where
     F: Future<Output = Result<(), E>>,
     E: StdError,
 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime_builder().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             tracing::error!(error = %err, "cannot start the async runtime");

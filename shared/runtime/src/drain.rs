@@ -6,12 +6,24 @@
 //! subscriptions) finish; it keeps accepting calls while [`InFlight`] says calls are still
 //! running, up to the grace period; then it closes its connections.
 
+use std::future::Future as _;
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Tells long-lived work that the server is shutting down. Cheap to clone.
+///
+/// [`Drain::is_draining`] is one atomic load: a stream may ask it for every message it sends.
+/// (`CancellationToken::is_cancelled` takes the token's mutex, which every stream of a process
+/// shares; with thousands of WatchProfiles streams asking at once, that lock showed in the
+/// fan-out's profile.)
 #[derive(Debug, Clone, Default)]
 pub struct Drain {
+    begun: Arc<AtomicBool>,
     token: CancellationToken,
 }
 
@@ -21,14 +33,16 @@ impl Drain {
         Self::default()
     }
 
-    /// Begins the drain: every [`Drain::draining`] future completes.
+    /// Begins the drain: [`Drain::is_draining`] is true from now on, and then every
+    /// [`Drain::draining`] future completes.
     pub fn begin(&self) {
+        self.begun.store(true, Ordering::Release);
         self.token.cancel();
     }
 
     /// Whether the drain has begun.
     pub fn is_draining(&self) -> bool {
-        self.token.is_cancelled()
+        self.begun.load(Ordering::Acquire)
     }
 
     /// Completes once the drain has begun; use it to end long-lived streams.
@@ -44,6 +58,8 @@ impl Drain {
 pub struct InFlight {
     count: watch::Sender<usize>,
     cut_off: CancellationToken,
+    /// Set just before `cut_off` is cancelled: read without the token's lock.
+    cut: Arc<AtomicBool>,
 }
 
 impl Default for InFlight {
@@ -58,6 +74,7 @@ impl InFlight {
         Self {
             count: watch::channel(0).0,
             cut_off: CancellationToken::new(),
+            cut: Arc::default(),
         }
     }
 
@@ -65,6 +82,7 @@ impl InFlight {
     /// `UNAVAILABLE`, a streaming one ends with `UNAVAILABLE` trailers. Both are retryable, and
     /// the connection stays usable for the closing handshake.
     pub fn cut_off(&self) {
+        self.cut.store(true, Ordering::Release);
         self.cut_off.cancel();
     }
 
@@ -91,6 +109,40 @@ impl InFlight {
     /// The token cancelled by [`InFlight::cut_off`].
     pub fn cut_off_token(&self) -> CancellationToken {
         self.cut_off.clone()
+    }
+
+    /// A wait for [`InFlight::cut_off`] cheap enough to poll for every frame of a body.
+    pub fn cut_off_wait(&self) -> CutOffWait {
+        CutOffWait {
+            cut: self.cut.clone(),
+            wait: Box::pin(self.cut_off.clone().cancelled_owned()),
+            registered: false,
+        }
+    }
+}
+
+/// Waits for [`InFlight::cut_off`], for a response body that checks it on every frame.
+///
+/// Polling the token's own future takes the token's mutex, which every call of the process
+/// shares: with thousands of streams sending at once it showed in the fan-out's profile
+/// (`docs/benchmarks.md`, `watch`). This polls that future once, so that the task is woken at
+/// the cut-off, and then only once the cut-off has begun, reading an atomic flag otherwise.
+/// The body must stay in the task that first polled it (hyper polls a body in one task).
+#[derive(Debug)]
+pub struct CutOffWait {
+    cut: Arc<AtomicBool>,
+    wait: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    registered: bool,
+}
+
+impl CutOffWait {
+    /// Ready once the cut-off has begun.
+    pub fn poll_cut_off(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.registered && !self.cut.load(Ordering::Acquire) {
+            return std::task::Poll::Pending;
+        }
+        self.registered = true;
+        self.wait.as_mut().poll(cx)
     }
 }
 

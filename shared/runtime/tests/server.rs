@@ -258,6 +258,58 @@ async fn grace_period_bounds_the_drain() {
     assert_eq!(cut.code(), Code::Unavailable, "{cut:?}");
 }
 
+/// A server stream that does not end when the drain begins (this one sends one event and then
+/// nothing) is cut off when the grace period ends: its client gets the event, then retryable
+/// trailers, and the server returns.
+#[tokio::test]
+async fn grace_period_cuts_off_a_stream_that_ignores_the_drain() {
+    let lifecycle = Lifecycle::new(NAME);
+    lifecycle.health().set_ready(true);
+    let svc = UsersDouble::new().watch_users(|_request| async {
+        let first = futures_util::stream::once(async {
+            Ok(mesh_proto::users::v1::UserEvent {
+                sequence: 1,
+                ..Default::default()
+            })
+        });
+        let stream: mesh_testkit::BoxStream<mesh_proto::users::v1::UserEvent> = Box::pin(
+            futures_util::StreamExt::chain(first, futures_util::stream::pending()),
+        );
+        Ok(stream)
+    });
+    let config = config(Duration::from_millis(300), 4 << 20);
+    let mut server = {
+        let lifecycle = lifecycle.clone();
+        TestServer::start(move |listener, shutdown| async move {
+            let spec = ServiceSpec::new(
+                UserServiceServer::new(svc),
+                mesh_proto::descriptor_sets::USERS,
+            )
+            .long_lived(&["WatchUsers"]);
+            mesh_runtime::serve(listener, spec, &lifecycle, &config, shutdown).await
+        })
+        .await
+    };
+    let mut stream = UserServiceClient::new(server.channel.clone())
+        .watch_users(WatchUsersRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = stream.message().await.expect("first event");
+    assert_eq!(first.map(|e| e.sequence), Some(1));
+    server.begin_shutdown();
+    let ended = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("the stream ends at the grace period")
+        .expect_err("with a status");
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert_eq!(ended.message(), "the server is shutting down; retry");
+    tokio::time::timeout(Duration::from_secs(10), server.join())
+        .await
+        .expect("the drain is bounded by the grace period")
+        .expect("clean shutdown");
+}
+
 /// A connection older than the maximum age is sent away (GOAWAY) and closed, so clients
 /// reconnect — and spread over new pods; a younger one stays open.
 #[tokio::test]
