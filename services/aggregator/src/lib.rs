@@ -132,6 +132,34 @@ pub async fn serve(
                 .map_or(0, |f| i64::try_from(f.subscribers()).unwrap_or(i64::MAX))
         },
     );
+    // Cumulative counts, read as gauges: where subscribers' events came from (the ring, or
+    // catch-up pages of users' log).
+    for (name, description, from_log) in [
+        (
+            "mesh.aggregator.watch_events_from_ring",
+            "WatchProfiles events sent from the relay's ring since the process started",
+            false,
+        ),
+        (
+            "mesh.aggregator.watch_events_from_log",
+            "WatchProfiles events sent from pages of users' log since the process started",
+            true,
+        ),
+    ] {
+        let fanout = Arc::downgrade(&fanout);
+        mesh_telemetry::metrics::gauge(name, description, "{event}", move || {
+            fanout.upgrade().map_or(0, |f| {
+                let sent = f.sent();
+                let counter = if from_log {
+                    &sent.from_log
+                } else {
+                    &sent.from_ring
+                };
+                i64::try_from(counter.load(std::sync::atomic::Ordering::Relaxed))
+                    .unwrap_or(i64::MAX)
+            })
+        });
+    }
     let keys = Arc::new(config.authn.jwks_cache(&tls)?);
     // Revoked sessions and withdrawn keys reach this verifier within moments.
     let following = tokio::spawn(keys.clone().follow());

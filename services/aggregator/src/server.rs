@@ -561,11 +561,13 @@ impl Inner {
         request: Request<WatchProfilesRequest>,
     ) -> Result<BoxStream<ProfileEvent>, AggregatorError> {
         let caller = claims(&request)?;
+        let connection = mesh_runtime::peer_addr(request.extensions());
         let after = request.into_inner().after_sequence;
         let events = self
             .fanout
             .subscribe(
                 mesh_runtime::bounded::key16(&[caller.sub.as_bytes()]),
+                connection,
                 after,
             )
             .await?;

@@ -60,8 +60,6 @@ use mesh_proto::headers::LOG_HEAD as LOG_HEAD_HEADER;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Events per catch-up page read from users' log.
 pub(crate) const PAGE_EVENTS: usize = 64;
-/// Events one subscriber takes from the ring at a time.
-const RING_BATCH: usize = 64;
 /// The longest a page read from users may take.
 const PAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest a subscriber waits for a place for a catch-up page before its stream ends
@@ -216,8 +214,26 @@ impl Ring {
         }
     }
 
+    /// The first event after `position`, as a reader that replays through `replay_until`
+    /// sees it (`Some(None)`: nothing after it yet); `None` when `position` is older than the
+    /// ring. Nothing is allocated: a live subscriber takes each event this way.
+    fn next_after(&self, position: i64, replay_until: i64) -> Option<Option<Arc<ProfileEvent>>> {
+        if position < self.floor {
+            return None;
+        }
+        let start = self.entries.partition_point(|e| e.sequence <= position);
+        Some(self.entries.get(start).map(|entry| {
+            let replayed = entry.sequence <= replay_until;
+            match entry.erased.get() {
+                Some(erased) if !entry.deleted_event || replayed => erased.clone(),
+                _ => entry.event.clone(),
+            }
+        }))
+    }
+
     /// Up to `max` events after `position`, as a reader that replays through `replay_until`
     /// sees them; `None` when `position` is older than the ring.
+    #[cfg(test)]
     fn after(
         &self,
         position: i64,
@@ -349,6 +365,31 @@ pub(crate) struct Fanout {
     /// the ring or read in a page before its deletion, is still sent erased.
     deleted: Mutex<BoundedMap<[u8; 16], ()>>,
     held: Mutex<Vec<Weak<Mutex<HeldPage>>>>,
+    /// Events sent to subscribers from the ring, and from pages of users' log.
+    sent: Sent,
+    /// The subscribers of each client connection (by its peer address), woken together.
+    groups: Mutex<std::collections::HashMap<Option<std::net::SocketAddr>, Weak<Group>>>,
+}
+
+/// Events sent to subscribers since the process started, by where they came from.
+#[derive(Debug, Default)]
+pub(crate) struct Sent {
+    /// From the ring the relay keeps (shared by every subscriber).
+    pub(crate) from_ring: std::sync::atomic::AtomicU64,
+    /// From pages of users' log (a replay, or a subscriber more than the ring behind).
+    pub(crate) from_log: std::sync::atomic::AtomicU64,
+}
+
+/// The subscribers of one client connection. A change wakes them connection by connection:
+/// the streams of one connection run one after another, each queueing its frame, and their
+/// connection's task, woken by the first of them, runs after them all and writes every frame
+/// in one system call. Woken all at once from one channel, the streams ran in the order they
+/// had subscribed — round robin across connections — and at 100,000 subscribers over 1,000
+/// connections each connection's task ran between two of its streams: 0.6 writes per
+/// subscriber per change, against 0.03 with groups (`mesh bench watch`).
+#[derive(Debug)]
+struct Group {
+    head: watch::Sender<i64>,
 }
 
 fn profile_event(event: UserEvent) -> ProfileEvent {
@@ -422,11 +463,15 @@ impl Fanout {
             caller_pages: Mutex::default(),
             deleted: Mutex::new(BoundedMap::new(DELETED_KEPT, Duration::from_secs(3600))),
             held: Mutex::new(Vec::new()),
+            groups: Mutex::default(),
+            sent: Sent::default(),
         });
         let task = tokio::spawn({
             let fanout = fanout.clone();
             async move {
-                tokio::join!(fanout.clone().upstream(), fanout.janitor());
+                tokio::join!(fanout.clone().upstream(), fanout.clone().janitor());
+                // Subscribers wait on their group's head alone: wake them all to see the drain.
+                fanout.wake(None);
             }
         });
         (fanout, task)
@@ -434,6 +479,39 @@ impl Fanout {
 
     fn head(&self) -> i64 {
         *self.head.borrow()
+    }
+
+    /// The group of the subscribers on `connection`, made if it has none.
+    fn group(&self, connection: Option<std::net::SocketAddr>) -> Arc<Group> {
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(group) = groups.get(&connection).and_then(Weak::upgrade) {
+            return group;
+        }
+        // Read under the lock [`Fanout::wake`] takes: a head moved after this read wakes
+        // the new group too.
+        let group = Arc::new(Group {
+            head: watch::channel(self.head()).0,
+        });
+        groups.insert(connection, Arc::downgrade(&group));
+        group
+    }
+
+    /// Moves every group's head to `sequence` (`None`: marks it changed, for the drain),
+    /// group by group, and forgets the groups whose subscribers have all left.
+    fn wake(&self, sequence: Option<i64>) {
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        groups.retain(|_, group| {
+            let Some(group) = group.upgrade() else {
+                return false;
+            };
+            match sequence {
+                Some(sequence) => {
+                    group.head.send_replace(sequence);
+                }
+                None => group.head.send_modify(|_| {}),
+            }
+            true
+        });
     }
 
     /// The one upstream subscription: connect, relay, reconnect from the last sequence seen.
@@ -455,6 +533,7 @@ impl Fanout {
                     {
                         self.ring.write().unwrap_or_else(|e| e.into_inner()).floor = head;
                         self.head.send_replace(head);
+                        self.wake(Some(head));
                     }
                     tracing::info!(?after, ?head, "upstream WatchUsers subscription open");
                     backoff = Duration::from_millis(100);
@@ -500,6 +579,7 @@ impl Fanout {
                             .unwrap_or_else(|e| e.into_inner())
                             .push(event, self.limits.ring);
                         self.head.send_replace(sequence);
+                        self.wake(Some(sequence));
                     }
                     Some(Err(status)) => {
                         tracing::warn!(error = %status, "upstream WatchUsers ended; reconnecting");
@@ -586,11 +666,17 @@ impl Fanout {
         self.slots.open()
     }
 
-    /// A subscriber's stream for `caller` (a key of its identity): from `after` (older events
-    /// replayed first), else from the live edge.
+    /// The events sent so far, by where they came from.
+    pub(crate) fn sent(&self) -> &Sent {
+        &self.sent
+    }
+
+    /// A subscriber's stream for `caller` (a key of its identity) on `connection` (its
+    /// client's address): from `after` (older events replayed first), else from the live edge.
     pub(crate) async fn subscribe(
         self: &Arc<Self>,
         caller: [u8; 16],
+        connection: Option<std::net::SocketAddr>,
         after: Option<i64>,
     ) -> Result<BoxStream<ProfileEvent>, AggregatorError> {
         if let Some(after) = after
@@ -621,13 +707,14 @@ impl Fanout {
             Some(after) => (after, head),
             None => (head, -1),
         };
+        let group = self.group(connection);
         let subscriber = Subscriber {
             caller,
             fanout: self.clone(),
-            head: self.head.subscribe(),
+            head: group.head.subscribe(),
+            _group: group,
             position,
             replay_until,
-            pending: VecDeque::new(),
             page: None,
             done: false,
             _counted: counted,
@@ -645,13 +732,13 @@ struct Subscriber {
     /// A key of the caller's identity (its share of catch-up pages).
     caller: [u8; 16],
     fanout: Arc<Fanout>,
+    /// The head as this subscriber's group sees it.
     head: watch::Receiver<i64>,
+    _group: Arc<Group>,
     /// The sequence of the last event sent (or the starting point).
     position: i64,
     /// Events through this sequence are a replay (the head when it subscribed with a position).
     replay_until: i64,
-    /// Events taken from the ring, not yet sent.
-    pending: VecDeque<Arc<ProfileEvent>>,
     /// A page read from users, not yet sent.
     page: Option<Arc<Mutex<HeldPage>>>,
     done: bool,
@@ -706,16 +793,8 @@ impl Subscriber {
             if self.done {
                 return None;
             }
-            let drain = self.fanout.drain.clone();
-            if drain.is_draining() {
+            if self.fanout.drain.is_draining() {
                 return Some(Err(self.shutting_down()));
-            }
-            if let Some(event) = self.pending.pop_front() {
-                if event.sequence > self.position {
-                    self.position = event.sequence;
-                    return Some(Ok(self.shown(&event)));
-                }
-                continue;
             }
             if let Some(page) = self.page.clone() {
                 let next = {
@@ -726,6 +805,10 @@ impl Subscriber {
                 match next {
                     Some(event) if event.sequence > self.position => {
                         self.position = event.sequence;
+                        self.fanout
+                            .sent
+                            .from_log
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         return Some(Ok(self.shown(&event)));
                     }
                     Some(_) => continue,
@@ -738,14 +821,15 @@ impl Subscriber {
             }
             let head = *self.head.borrow_and_update();
             if self.position >= head {
-                tokio::select! {
-                    biased;
-                    () = drain.draining() => return Some(Err(self.shutting_down())),
-                    changed = self.head.changed() => {
-                        if changed.is_err() {
-                            return Some(Err(self.shutting_down()));
-                        }
-                    }
+                // Only the head is waited on (one registration per wait, not two): once the
+                // drain begins, the relay's task marks the head changed for every subscriber.
+                // The drain is checked after the head was read, so a mark between the check
+                // at the top and here is not missed.
+                if self.fanout.drain.is_draining() {
+                    return Some(Err(self.shutting_down()));
+                }
+                if self.head.changed().await.is_err() {
+                    return Some(Err(self.shutting_down()));
                 }
                 continue;
             }
@@ -753,58 +837,84 @@ impl Subscriber {
                 // A panic while the lock was held cannot leave the ring half-changed: read on.
                 let ring = self.fanout.ring.read().unwrap_or_else(|e| e.into_inner());
                 (
-                    ring.after(self.position, self.replay_until, RING_BATCH),
+                    ring.next_after(self.position, self.replay_until),
                     ring.floor,
                 )
             };
-            if let Some(events) = from_ring {
-                self.pending.extend(events);
-                continue;
-            }
-            // Older than the ring: a page of users' log, within the bound on held pages.
-            let permit = tokio::select! {
-                () = drain.draining() => return Some(Err(self.shutting_down())),
-                permit = self.fanout.page_place(self.caller) => match permit {
-                    Some(permit) => permit,
-                    None => {
-                        self.done = true;
-                        return Some(Err(unavailable(format!(
-                            "no catch-up capacity now; resume with after_sequence = {}",
-                            self.position
-                        ))));
-                    }
-                },
-            };
-            let read = tokio::select! {
-                () = drain.draining() => return Some(Err(self.shutting_down())),
-                read = self.fanout.replays.page(
-                    self.position,
-                    floor,
-                    self.fanout.limits.page_events,
-                ) => read,
-            };
-            match read {
-                Ok(events) if events.is_empty() => {
-                    // Nothing in users' log between here and the ring.
-                    self.position = self.position.max(floor);
-                }
-                Ok(events) => {
-                    let page = Arc::new(Mutex::new(HeldPage {
-                        events: events.into(),
-                        permit: Some(permit),
-                        last_read: Instant::now(),
-                        since: Instant::now(),
-                    }));
+            match from_ring {
+                // The ring's own entries are erased once their profile is deleted.
+                Some(Some(event)) => {
+                    self.position = event.sequence;
                     self.fanout
-                        .held
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(Arc::downgrade(&page));
-                    self.page = Some(page);
+                        .sent
+                        .from_ring
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Some(Ok(ProfileEvent::clone(&event)));
                 }
-                Err(status) => return Some(Err(self.failed(status))),
+                // Everything up to the head is in the ring once the head has moved there.
+                Some(None) => {
+                    if self.fanout.drain.is_draining() || self.head.changed().await.is_err() {
+                        return Some(Err(self.shutting_down()));
+                    }
+                }
+                // Older than the ring (boxed: the live path's future stays small).
+                None => {
+                    if let Some(status) = Box::pin(self.catch_up(floor)).await {
+                        return Some(Err(status));
+                    }
+                }
             }
         }
+    }
+
+    /// Reads the page of users' log after this subscriber's position (within the bound on
+    /// held pages), up to `floor` where the ring begins; the status to end the stream with if
+    /// that fails.
+    async fn catch_up(&mut self, floor: i64) -> Option<Status> {
+        let drain = self.fanout.drain.clone();
+        let permit = tokio::select! {
+            () = drain.draining() => return Some(self.shutting_down()),
+            permit = self.fanout.page_place(self.caller) => match permit {
+                Some(permit) => permit,
+                None => {
+                    self.done = true;
+                    return Some(unavailable(format!(
+                        "no catch-up capacity now; resume with after_sequence = {}",
+                        self.position
+                    )));
+                }
+            },
+        };
+        let read = tokio::select! {
+            () = drain.draining() => return Some(self.shutting_down()),
+            read = self.fanout.replays.page(
+                self.position,
+                floor,
+                self.fanout.limits.page_events,
+            ) => read,
+        };
+        match read {
+            Ok(events) if events.is_empty() => {
+                // Nothing in users' log between here and the ring.
+                self.position = self.position.max(floor);
+            }
+            Ok(events) => {
+                let page = Arc::new(Mutex::new(HeldPage {
+                    events: events.into(),
+                    permit: Some(permit),
+                    last_read: Instant::now(),
+                    since: Instant::now(),
+                }));
+                self.fanout
+                    .held
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(Arc::downgrade(&page));
+                self.page = Some(page);
+            }
+            Err(status) => return Some(self.failed(status)),
+        }
+        None
     }
 }
 
@@ -851,6 +961,13 @@ mod tests {
         assert_eq!(seqs(ring.after(15, -1, 1)), Some(vec![16]));
         assert_eq!(seqs(ring.after(16, -1, 10)), Some(vec![]));
         assert_eq!(seqs(ring.after(11, -1, 10)), None);
+        // One at a time, as a live subscriber reads it: the same events.
+        let next = |position| ring.next_after(position, -1).map(|e| e.map(|e| e.sequence));
+        assert_eq!(next(12), Some(Some(13)));
+        assert_eq!(next(13), Some(Some(15)));
+        assert_eq!(next(14), Some(Some(15)));
+        assert_eq!(next(16), Some(None));
+        assert_eq!(next(11), None, "older than the ring");
     }
 
     /// A deletion erases the profile's earlier events for everyone, and its own DELETED event
@@ -875,5 +992,14 @@ mod tests {
         };
         assert_eq!(names(-1), ["", "name 2", "name 3"], "live");
         assert_eq!(names(3), ["", "name 2", ""], "replayed");
+        // Read one at a time, the same erasure.
+        let name = |position, replay_until| {
+            ring.next_after(position, replay_until)
+                .flatten()
+                .and_then(|e| e.profile.as_ref().map(|p| p.display_name.clone()))
+        };
+        assert_eq!(name(0, -1).as_deref(), Some(""));
+        assert_eq!(name(2, -1).as_deref(), Some("name 3"), "live deletion");
+        assert_eq!(name(2, 3).as_deref(), Some(""), "replayed deletion");
     }
 }

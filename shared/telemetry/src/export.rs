@@ -555,6 +555,9 @@ impl Exporter {
         // The first tick of an interval is immediate.
         span_tick.tick().await;
         metric_tick.tick().await;
+        // With traces off (`OTEL_TRACES_EXPORTER=none`) the span queue has no sender: closed
+        // from the start, while metrics still go out.
+        let mut spans_open = true;
         loop {
             tokio::select! {
                 done = control.recv() => {
@@ -582,10 +585,13 @@ impl Exporter {
                         self.complain(what, &status);
                     }
                 }
-                span = spans.recv(), if in_flight.len() < MAX_EXPORTS_IN_FLIGHT
-                    || batch.len() < config.max_batch =>
+                span = spans.recv(), if spans_open && (in_flight.len() < MAX_EXPORTS_IN_FLIGHT
+                    || batch.len() < config.max_batch) =>
                 {
-                    let Some(span) = span else { return };
+                    let Some(span) = span else {
+                        spans_open = false;
+                        continue;
+                    };
                     batch.push(span);
                     if batch.len() >= config.max_batch && in_flight.len() < MAX_EXPORTS_IN_FLIGHT {
                         in_flight.extend(self.export_spans(std::mem::take(&mut batch)));

@@ -459,11 +459,18 @@ async fn sigterm_to_the_aggregator_under_load_fails_no_accepted_call() {
     let ended = loop {
         match watch.next().await {
             Some(Ok(event)) => last = event.sequence,
-            Some(Err(status)) => break status.code(),
+            Some(Err(status)) => break status,
             None => panic!("WatchProfiles ended without a status"),
         }
     };
-    assert_eq!(ended, Code::Unavailable, "the stream ends retryably");
+    assert_eq!(ended.code(), Code::Unavailable, "the stream ends retryably");
+    // Ended by the relay when the drain began (naming where to resume), not cut off when the
+    // grace period ran out.
+    assert_eq!(
+        ended.message(),
+        format!("the server is shutting down; resume with after_sequence = {last}"),
+        "{ended:?}"
+    );
     assert!(last > 0, "the sign-up's event was seen");
 
     // Changes while no aggregator runs, then a new one; resume from the last sequence.

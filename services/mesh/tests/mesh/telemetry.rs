@@ -181,6 +181,33 @@ fn exporting_env(collector: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// Metrics alone (`OTEL_TRACES_EXPORTER=none`): every service still sends its metrics, the
+/// relay's gauges among them, and no span.
+#[tokio::test]
+async fn metrics_go_out_with_traces_off() {
+    let _machine = crate::common::process_test().await;
+    let (collector, url) = Collector::start().await;
+    let mut env = exporting_env(&url);
+    env.push(("OTEL_TRACES_EXPORTER", "none".into()));
+    let mesh = MeshUp::start_with("5s", &env).await;
+    collector
+        .wait_for("metrics from every service", |r| {
+            let has =
+                |svc: &str, name: &str| r.metrics.iter().any(|(s, m)| s == svc && m.name == name);
+            has("aggregator", "mesh.aggregator.watch_streams")
+                && has("aggregator", "mesh.aggregator.watch_events_from_ring")
+                && has("aggregator", "mesh.aggregator.watch_events_from_log")
+                && has("auth", "mesh.auth.hash_queue_depth")
+                && has("users", "rpc.server.duration")
+        })
+        .await;
+    assert!(
+        collector.0.lock().expect("lock").spans.is_empty(),
+        "no span with traces off"
+    );
+    drop(mesh);
+}
+
 async fn aggregator(addr: SocketAddr) -> AggregatorServiceClient<Channel> {
     AggregatorServiceClient::new(mesh_testkit::connect(addr).await)
 }
