@@ -15,6 +15,7 @@
 mod abuse;
 mod aggregator;
 mod echo;
+mod fan_out;
 mod fixtures;
 mod login;
 mod measure;
@@ -300,11 +301,29 @@ struct Outcome {
     notes: Vec<String>,
 }
 
-/// Runs the chosen scenario and writes its report.
-pub(crate) async fn run(args: BenchArgs) -> Result<(), BenchError> {
-    if args.scenario == Scenario::EchoServer {
-        return echo_server(args.listen).await;
+/// `mesh bench`: the chosen scenario on the mesh's runtime; the bare echo server on one of
+/// tokio's defaults, as an application written without the mesh would run it (the mesh's
+/// runtime has the LIFO slot off, see `mesh_runtime::cli::block_on`).
+pub(crate) fn main(args: BenchArgs) -> std::process::ExitCode {
+    if args.scenario != Scenario::EchoServer {
+        return mesh_runtime::cli::block_on(run(args));
     }
+    let served = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| BenchError::Setup(format!("runtime: {e}")))
+        .and_then(|runtime| runtime.block_on(echo_server(args.listen)));
+    match served {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("mesh bench echo-server: {err}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the chosen scenario and writes its report.
+async fn run(args: BenchArgs) -> Result<(), BenchError> {
     if cfg!(debug_assertions) {
         eprintln!("mesh bench: this is a debug build; figures are only meaningful with --release");
     }
@@ -326,10 +345,10 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), BenchError> {
         limit: args.limit.max(1),
         tls: args.tls,
     };
-    let servers = tokio::runtime::Builder::new_multi_thread()
+    // The services' own runtime settings (`mesh_runtime::cli::runtime_builder`).
+    let servers = mesh_runtime::cli::runtime_builder()
         .worker_threads(settings.server_threads)
         .thread_name("bench-server")
-        .enable_all()
         .build()
         .map_err(|e| BenchError::Setup(format!("servers' runtime: {e}")))?;
     if SERVERS.set(servers.handle().clone()).is_err() {

@@ -66,6 +66,6 @@ fn main() -> ExitCode {
             block_on(mesh_aggregator::run(config))
         }
         #[cfg(feature = "bench")]
-        Command::Bench(args) => block_on(bench::run(args)),
+        Command::Bench(args) => bench::main(args),
     }
 }

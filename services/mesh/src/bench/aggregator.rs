@@ -14,12 +14,19 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc, OnceLock,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
+use mesh_proto::otlp::{
+    collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+        metrics_service_server::{MetricsService, MetricsServiceServer},
+    },
+    metrics::v1::{metric::Data, number_data_point::Value},
+};
 use mesh_proto::{
     aggregator::v1::{
         GetMeRequest, GetProfilesRequest, ProfileEvent, SignUpRequest, WatchProfilesRequest,
@@ -31,13 +38,15 @@ use mesh_testkit::{ServiceProcess, TestMesh, TestPki};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
-    sync::{Notify, mpsc},
+    sync::mpsc,
 };
 use tokio_stream::StreamExt as _;
+use tonic::{Request, Response, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use super::{
     BenchError, Outcome, Settings, any_channels, channels, echo,
+    fan_out::Round,
     fixtures::{
         Caller, bearer, mesh_command, populate, service_process, setup, start_aggregator,
         start_mesh, stop, url,
@@ -494,6 +503,7 @@ async fn aggregator_process(
     auth: SocketAddr,
     users: SocketAddr,
     max_streams: usize,
+    metrics_to: Option<SocketAddr>,
 ) -> Result<ServiceProcess, BenchError> {
     let addr = mesh_testkit::free_addr();
     let mut command = mesh_command([
@@ -514,102 +524,114 @@ async fn aggregator_process(
         .args(super::fixtures::bench_server_args())
         .env("MESH_AGGREGATOR_CLIENT_SECRET", mesh_testkit::CLIENT_SECRET)
         .env("RUST_LOG", "warn");
+    if let Some(collector) = metrics_to {
+        // Metrics only, twice a second: the bench reads the relay's counters from them.
+        command
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}"))
+            .env("OTEL_TRACES_EXPORTER", "none")
+            .env("OTEL_METRIC_EXPORT_INTERVAL", "500");
+    }
     service_process(command, addr, mesh_aggregator::SERVICE_NAME).await
 }
 
-/// One round of the `watch` scenario: `events` changes, each sent once the last has reached
-/// all `total` subscribers, and the time from each change to each subscriber.
-struct Round {
-    total: usize,
-    sent_at: Arc<Vec<OnceLock<Instant>>>,
-    received: Arc<AtomicUsize>,
-    all_in: Arc<Notify>,
+/// Sets the writer's bio to `bio`: one change in users' log, for every subscriber.
+async fn change_bio(
+    mut users: UserServiceClient<tonic::transport::Channel>,
+    writer: Caller,
+    bio: String,
+) -> Result<(), BenchError> {
+    users
+        .update_user(bearer(
+            &writer.token,
+            UpdateUserRequest {
+                user: Some(User {
+                    id: writer.id.clone(),
+                    bio,
+                    ..User::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["bio".into()],
+                }),
+                expected_version: 0,
+            },
+        ))
+        .await
+        .map_err(|e| setup(format!("update: {e}")))?;
+    Ok(())
 }
 
-impl Round {
-    fn new(events: usize, total: usize) -> Self {
-        Self {
-            total,
-            sent_at: Arc::new((0..events).map(|_| OnceLock::new()).collect()),
-            received: Arc::new(AtomicUsize::new(0)),
-            all_in: Arc::new(Notify::new()),
-        }
-    }
+/// The latest value of each gauge an aggregator exported.
+#[derive(Debug, Clone, Default)]
+struct Gauges(Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>);
 
-    /// Reads the round's events from `stream`, timing each: `tag` and the latencies, once the
-    /// stream has had them all (or ended).
-    fn follow<T: Send + 'static>(
+impl Gauges {
+    fn get(&self, name: &str) -> Option<i64> {
+        self.0.lock().ok()?.get(name).copied()
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Gauges {
+    async fn export(
         &self,
-        mut stream: tonic::Streaming<ProfileEvent>,
-        tag: T,
-    ) -> tokio::task::JoinHandle<(T, Latencies)> {
-        let (total, received, all_in, sent_at) = (
-            self.total,
-            self.received.clone(),
-            self.all_in.clone(),
-            self.sent_at.clone(),
-        );
-        tokio::spawn(async move {
-            let mut latencies = Latencies::default();
-            for (k, sent) in sent_at.iter().enumerate() {
-                let Some(Ok(_)) = stream.next().await else {
-                    break;
-                };
-                if let Some(at) = sent.get() {
-                    latencies.record(at.elapsed());
-                }
-                if received.fetch_add(1, Ordering::SeqCst) + 1 == total * (k + 1) {
-                    all_in.notify_one();
-                }
+        request: Request<ExportMetricsServiceRequest>,
+    ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
+        let gauges = request
+            .into_inner()
+            .resource_metrics
+            .into_iter()
+            .flat_map(|r| r.scope_metrics)
+            .flat_map(|s| s.metrics);
+        for metric in gauges {
+            let Some(Data::Gauge(gauge)) = metric.data else {
+                continue;
+            };
+            if let Some(Value::AsInt(value)) = gauge.data_points.last().and_then(|p| p.value)
+                && let Ok(mut latest) = self.0.lock()
+            {
+                latest.insert(metric.name, value);
             }
-            (tag, latencies)
-        })
-    }
-
-    /// Sends the round's changes (the writer's bio, `what` in it), each once the last has
-    /// reached every subscriber (60 s at most).
-    async fn send(
-        &self,
-        users: &mut UserServiceClient<tonic::transport::Channel>,
-        writer: &Caller,
-        what: &str,
-    ) -> Result<(), BenchError> {
-        let total = self.total;
-        for (k, slot) in self.sent_at.iter().enumerate() {
-            let _ = slot.set(Instant::now());
-            users
-                .update_user(bearer(
-                    &writer.token,
-                    UpdateUserRequest {
-                        user: Some(User {
-                            id: writer.id.clone(),
-                            bio: format!("change {k} {what}"),
-                            ..User::default()
-                        }),
-                        update_mask: Some(prost_types::FieldMask {
-                            paths: vec!["bio".into()],
-                        }),
-                        expected_version: 0,
-                    },
-                ))
-                .await
-                .map_err(|e| setup(format!("update: {e}")))?;
-            tokio::time::timeout(Duration::from_secs(60), async {
-                while self.received.load(Ordering::SeqCst) < total * (k + 1) {
-                    self.all_in.notified().await;
-                }
-            })
-            .await
-            .map_err(|_| {
-                setup(format!(
-                    "change {k} {what}: only {} of {total} subscribers got it within 60 s",
-                    self.received.load(Ordering::SeqCst) - total * k
-                ))
-            })?;
         }
-        Ok(())
+        Ok(Response::new(ExportMetricsServiceResponse::default()))
     }
 }
+
+/// An OTLP metrics receiver that keeps [`Gauges`].
+async fn start_gauges(gauges: Gauges) -> Result<mesh_testkit::TestServer, BenchError> {
+    super::fixtures::start_server(mesh_testkit::TestServer::start(move |listener, stopped| {
+        tonic::transport::Server::builder()
+            .add_service(MetricsServiceServer::new(gauges))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                stopped,
+            )
+    }))
+    .await
+}
+
+/// The longest `watch` waits for the aggregator's RSS to settle after a round: jemalloc gives
+/// pages freed in a burst back within its 10 s decay time.
+const SETTLE_WAIT: Duration = Duration::from_secs(15);
+
+/// The RSS of `pid` in KiB once it has stopped falling (no fall of 1 % or more in 2 s), or
+/// after `longest`.
+async fn settled_rss_kib(pid: u32, longest: Duration) -> u64 {
+    let started = Instant::now();
+    let mut low = mesh_testkit::proc_status_kib(pid, "VmRSS");
+    let mut low_since = Instant::now();
+    while started.elapsed() < longest && low_since.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = mesh_testkit::proc_status_kib(pid, "VmRSS");
+        if now * 100 < low * 99 {
+            low = now;
+            low_since = Instant::now();
+        }
+    }
+    low
+}
+
+/// How long `watch` watches the aggregator's RSS fall once every subscriber has left.
+const LEAVE_WAIT: Duration = Duration::from_secs(30);
 
 /// gRPC-Web subscribers of the `watch` scenario's second round (each its own connection).
 const WEB_SUBSCRIBERS: usize = 256;
@@ -618,9 +640,9 @@ const WEB_SUBSCRIBERS: usize = 256;
 /// changes by `writer`, each sent once the last has reached all of them: the time from each
 /// change to each subscriber, native and gRPC-Web apart.
 async fn web_fan_out(
-    addr: SocketAddr,
+    (addr, pid): (SocketAddr, u32),
     writer: &Caller,
-    users: &mut UserServiceClient<tonic::transport::Channel>,
+    users: &UserServiceClient<tonic::transport::Channel>,
     count: usize,
     per_connection: usize,
     events: usize,
@@ -653,11 +675,17 @@ async fn web_fan_out(
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     round
-        .send(users, writer, "for gRPC-Web and native subscribers")
+        .send("for gRPC-Web and native subscribers", pid, |k| {
+            change_bio(
+                users.clone(),
+                writer.clone(),
+                format!("change {k} for gRPC-Web and native subscribers"),
+            )
+        })
         .await?;
     let (mut native_latencies, mut web_latencies) = (Latencies::default(), Latencies::default());
     for task in tasks {
-        if let Ok((is_web, latencies)) = task.await {
+        if let Ok((is_web, latencies, _stream)) = task.await {
             if is_web {
                 web_latencies.merge(&latencies);
             } else {
@@ -668,20 +696,60 @@ async fn web_fan_out(
     Ok((native_latencies, web_latencies))
 }
 
-/// `watch`: idle subscribers' memory, and the time for a change to reach all of them.
+/// `watch`: idle subscribers' memory, and the time for a change to reach all of them, each
+/// beside a bare tonic broadcast to as many streams over as many connections.
 pub(super) async fn watch(settings: &Settings) -> Result<Outcome, BenchError> {
     let n = settings.subscribers;
     let per_connection = settings.streams_per_connection;
-    let bare_bytes = echo::idle_stream_bytes(n, per_connection).await?;
+    let events = settings.events;
 
     let (mesh, _) = set_up(settings, "watch").await?;
     let user_channels = Arc::new(channels(mesh.users().addr, 1).await?);
     let writer: Caller = populate(&mesh.keys, &user_channels, 1).await?[0].clone();
+    let users = UserServiceClient::new(user_channels[0].clone());
+    // The bare broadcast carries messages of the size of the writer's events.
+    let event_bytes = {
+        let user = users
+            .clone()
+            .get_user(bearer(
+                &writer.token,
+                GetUserRequest {
+                    id: writer.id.clone(),
+                },
+            ))
+            .await
+            .map_err(|e| setup(format!("get user: {e}")))?
+            .into_inner();
+        prost::Message::encoded_len(&ProfileEvent {
+            sequence: 1_000_000,
+            kind: 2,
+            profile: Some(mesh_proto::aggregator::v1::Profile {
+                user_id: user.id,
+                display_name: user.display_name,
+                bio: "change 0 for everyone".into(),
+                email: String::new(),
+                create_time: user.create_time,
+                update_time: user.update_time,
+                version: user.version,
+            }),
+            occur_time: user.update_time,
+        })
+    };
+    let bare = echo::bare_fan_out(n, per_connection, events, event_bytes).await?;
+    let latest = Gauges::default();
+    let gauges = start_gauges(latest.clone()).await?;
+
     // Room for the second round (gRPC-Web beside native) while the first one's streams close.
     let web_n = n.min(WEB_SUBSCRIBERS);
-    let mut aggregator =
-        aggregator_process(mesh.auth.addr, mesh.users().addr, n + 1 + 2 * web_n).await?;
+    let mut aggregator = aggregator_process(
+        mesh.auth.addr,
+        mesh.users().addr,
+        n + 1 + 2 * web_n,
+        Some(gauges.addr),
+    )
+    .await?;
     let (pid, addr) = (aggregator.pid(), aggregator.addr);
+    let rss_idle_kib = mesh_testkit::proc_status_kib(pid, "VmRSS");
 
     let connections = channels(addr, n.div_ceil(per_connection)).await?;
     let token = writer.token.clone();
@@ -708,7 +776,6 @@ pub(super) async fn watch(settings: &Settings) -> Result<Outcome, BenchError> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before_kib = mesh_testkit::proc_status_kib(pid, "VmRSS");
 
-    let events = settings.events;
     let round = Round::new(events, n);
     let mut streams = vec![first];
     for i in 1..n {
@@ -725,21 +792,45 @@ pub(super) async fn watch(settings: &Settings) -> Result<Outcome, BenchError> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_after_kib = mesh_testkit::proc_status_kib(pid, "VmRSS");
 
-    let mut users = UserServiceClient::new(user_channels[0].clone());
-    round.send(&mut users, &writer, "for everyone").await?;
-    // Once every stream has sent something, its buffers exist: what a live subscriber costs.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_live_kib = mesh_testkit::proc_status_kib(pid, "VmRSS");
+    let cpu = round
+        .send("for everyone", pid, |k| {
+            change_bio(
+                users.clone(),
+                writer.clone(),
+                format!("change {k} for everyone"),
+            )
+        })
+        .await?;
+    // Once every stream has sent something, its buffers exist: what a subscriber costs that
+    // has had events and waits for the next, once what the round freed has gone back.
+    let rss_live_kib = settled_rss_kib(pid, SETTLE_WAIT).await;
+    // The relay's counters, from an export made after the round (at least 2 s have passed).
+    let from_ring = latest.get("mesh.aggregator.watch_events_from_ring");
+    let from_log = latest.get("mesh.aggregator.watch_events_from_log");
     let mut fan_out = Latencies::default();
+    let mut open = Vec::with_capacity(n);
     for subscriber in subscribers {
-        if let Ok(((), latencies)) = subscriber.await {
+        if let Ok(((), latencies, stream)) = subscriber.await {
             fan_out.merge(&latencies);
+            open.push(stream);
         }
     }
+    // Every subscriber gone: what the aggregator gives back once its allocator's decay time
+    // (jemalloc's 10 s for unused dirty pages) has passed.
+    drop(open);
+    drop(connections);
+    let left = Instant::now();
+    let mut rss_left_kib = mesh_testkit::proc_status_kib(pid, "VmRSS");
+    while left.elapsed() < LEAVE_WAIT && rss_left_kib > 2 * rss_idle_kib {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rss_left_kib = mesh_testkit::proc_status_kib(pid, "VmRSS");
+    }
+    let left_after = left.elapsed();
     // gRPC-Web beside native gRPC: the same count of each, the same changes.
     let (native_small, web_small) =
-        web_fan_out(addr, &writer, &mut users, web_n, per_connection, events).await?;
+        web_fan_out((addr, pid), &writer, &users, web_n, per_connection, events).await?;
     let _ = aggregator.child.kill().await;
+    stop(gauges).await;
     mesh.stop().await;
 
     let per_subscriber = rss_after_kib.saturating_sub(rss_before_kib) as f64 * 1024.0 / n as f64;
@@ -748,6 +839,12 @@ pub(super) async fn watch(settings: &Settings) -> Result<Outcome, BenchError> {
     let delivery = Measurement::new(
         format!("one change to each of {n} subscribers (UpdateUser sent → received)"),
         &fan_out,
+        0,
+        Duration::ZERO,
+    );
+    let bare_delivery = Measurement::new(
+        format!("bare tonic broadcast to each of {n} streams (Publish sent → received)"),
+        &bare.latencies,
         0,
         Duration::ZERO,
     );
@@ -763,17 +860,76 @@ pub(super) async fn watch(settings: &Settings) -> Result<Outcome, BenchError> {
         0,
         Duration::ZERO,
     );
+    let p99_goal = if n >= 100_000 { 1000.0 } else { 60.0 };
+    let ratio_goal = if n >= 100_000 { 1.5 } else { 1.3 };
     let figures = vec![
+        Figure::at_most(
+            "change to all subscribers, p99",
+            delivery.latency_ms.p99,
+            "ms",
+            p99_goal,
+        ),
         Figure::new(
-            "change to all, gRPC-Web / native gRPC subscribers, p99",
-            web_small.latency_ms.p99 / native_small.latency_ms.p99.max(0.001),
+            "bare tonic broadcast to as many streams, p99",
+            bare_delivery.latency_ms.p99,
+            "ms",
+        ),
+        Figure::at_most(
+            "change to all, WatchProfiles / bare broadcast, p99",
+            delivery.latency_ms.p99 / bare_delivery.latency_ms.p99.max(0.001),
             "ratio",
+            ratio_goal,
+        ),
+        Figure::new(
+            "change to all subscribers, slowest",
+            delivery.latency_ms.max,
+            "ms",
+        ),
+        Figure::new(
+            "aggregator CPU while the changes went out",
+            cpu.server_cores(),
+            "cores",
+        ),
+        Figure::new(
+            "load generator CPU while the changes went out",
+            cpu.load_cores(),
+            "cores",
+        ),
+        Figure::new(
+            "echo server CPU while the bare broadcast went out",
+            bare.cpu.server_cores(),
+            "cores",
+        ),
+        Figure::new(
+            "load generator CPU while the bare broadcast went out",
+            bare.cpu.load_cores(),
+            "cores",
+        ),
+        Figure::new(
+            "events sent from the relay's ring",
+            from_ring.map_or(f64::NAN, |v| v as f64),
+            "events",
+        ),
+        Figure::new(
+            "events sent from users' log (catch-up)",
+            from_log.map_or(f64::NAN, |v| v as f64),
+            "events",
+        ),
+        Figure::new(
+            "aggregator write calls per change",
+            cpu.server_writes as f64 / events as f64,
+            "calls",
+        ),
+        Figure::new(
+            "echo server write calls per broadcast message",
+            bare.cpu.server_writes as f64 / events as f64,
+            "calls",
         ),
         Figure::at_most(
             "aggregator RSS per WatchProfiles subscriber",
             per_live_subscriber,
             "bytes",
-            8192.0,
+            4096.0,
         ),
         Figure::new(
             "aggregator RSS per subscriber before any event",
@@ -782,37 +938,51 @@ pub(super) async fn watch(settings: &Settings) -> Result<Outcome, BenchError> {
         ),
         Figure::new(
             "bare tonic server stream, RSS per stream",
-            bare_bytes,
+            bare.bytes_per_stream,
             "bytes",
         ),
         Figure::new(
             "WatchProfiles subscriber / bare stream",
-            per_live_subscriber / bare_bytes.max(1.0),
+            per_live_subscriber / bare.bytes_per_stream.max(1.0),
             "ratio",
         ),
         Figure::at_most(
-            "change to all subscribers, p99",
-            delivery.latency_ms.p99,
-            "ms",
-            100.0,
+            "aggregator RSS after every subscriber left / idle",
+            rss_left_kib as f64 / rss_idle_kib.max(1) as f64,
+            "ratio",
+            2.0,
         ),
         Figure::new(
-            "change to all subscribers, slowest",
-            delivery.latency_ms.max,
-            "ms",
+            "change to all, gRPC-Web / native gRPC subscribers, p99",
+            web_small.latency_ms.p99 / native_small.latency_ms.p99.max(0.001),
+            "ratio",
         ),
     ];
     Ok(Outcome {
-        measurements: vec![delivery, native_small, web_small],
+        measurements: vec![delivery, bare_delivery, native_small, web_small],
         figures,
         notes: vec![format!(
             "{n} subscribers over {} connections ({per_connection} per connection); aggregator \
-             RSS {rss_before_kib} KiB with one subscriber, {rss_after_kib} KiB with all before any \
-             event, {rss_live_kib} KiB once the changes had reached them all. The bare stream figure is the same count of idle streams on an echo server in its own \
-             process. {events} changes, each sent after the last reached everyone. Then \
-             {web_n} gRPC-Web subscribers (a connection each, as browsers have) and {web_n} \
-             native ones beside them got {events} more changes.",
-            connections.len()
+             RSS {rss_idle_kib} KiB idle, {rss_before_kib} KiB with one subscriber, \
+             {rss_after_kib} KiB with all before any event, {rss_live_kib} KiB once the changes \
+             had reached them all (and it had stopped falling), {rss_left_kib} KiB {:.1} s after they all left (read every \
+             0.5 s until at most twice the idle RSS, for {} s at most). The bare \
+             broadcast is the echo server in its own process: as many Subscribe streams over \
+             as many connections, each 1 + {events} messages of {event_bytes} B (the size of the \
+             WatchProfiles events) from one tokio broadcast channel, each sent after the last \
+             reached everyone, as the changes are. CPU figures are each process's user + \
+             system time over the round's wall time ({:.2} s for WatchProfiles, {:.2} s for the \
+             bare broadcast); the load generator (this process) decodes every message on the \
+             same cores. Each message reached the last subscriber after {} (WatchProfiles) and \
+             {} (bare broadcast). Then {web_n} gRPC-Web subscribers (a connection each, as browsers \
+             have) and {web_n} native ones beside them got 1 + {events} more changes.",
+            n.div_ceil(per_connection),
+            left_after.as_secs_f64(),
+            LEAVE_WAIT.as_secs(),
+            cpu.wall_s,
+            bare.cpu.wall_s,
+            cpu.all_in(),
+            bare.cpu.all_in(),
         )],
     })
 }

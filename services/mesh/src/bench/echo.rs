@@ -8,7 +8,8 @@ use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 use futures_util::Stream;
 use futures_util::StreamExt as _;
 use mesh_proto::bench::v1::{
-    EchoRequest, EchoResponse, SubscribeRequest, SubscribeResponse,
+    EchoRequest, EchoResponse, PublishRequest, PublishResponse, SubscribeRequest,
+    SubscribeResponse,
     echo_service_client::EchoServiceClient,
     echo_service_server::{EchoService, EchoServiceServer},
 };
@@ -17,13 +18,26 @@ use tonic::{Request, Response, Status};
 
 use super::{
     BenchError, Settings,
+    fan_out::{CpuShare, Round},
     fixtures::{setup, start_server, stop},
-    measure::{Measurement, drive},
+    measure::{Latencies, Measurement, drive},
 };
 
-/// The echo service.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Echo;
+/// The echo service, and the one broadcast its `Subscribe` streams follow.
+#[derive(Debug, Clone)]
+pub(super) struct Echo {
+    published: tokio::sync::broadcast::Sender<SubscribeResponse>,
+}
+
+impl Echo {
+    fn new() -> Self {
+        // Every subscriber reads each message before the next is published (the bench waits
+        // for all of them), so a short buffer never lags.
+        Self {
+            published: tokio::sync::broadcast::channel(16).0,
+        }
+    }
+}
 
 type SubscribeStream = Pin<Box<dyn Stream<Item = Result<SubscribeResponse, Status>> + Send>>;
 
@@ -37,15 +51,44 @@ impl EchoService for Echo {
 
     type SubscribeStream = SubscribeStream;
 
-    /// One message, then an open stream with nothing in it: no task, no channel.
+    /// One message, then whatever is published: no task of its own, only a receiver.
     async fn subscribe(
         &self,
         _request: Request<SubscribeRequest>,
     ) -> Result<Response<SubscribeStream>, Status> {
-        let first = futures_util::stream::once(async { Ok(SubscribeResponse { sequence: 1 }) });
-        Ok(Response::new(Box::pin(
-            first.chain(futures_util::stream::pending()),
-        )))
+        let first = futures_util::stream::once(async {
+            Ok(SubscribeResponse {
+                sequence: 1,
+                payload: Vec::new(),
+            })
+        });
+        let published = futures_util::stream::unfold(self.published.subscribe(), |mut rx| async {
+            loop {
+                match rx.recv().await {
+                    Ok(message) => return Some((Ok(message), rx)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(first.chain(published))))
+    }
+
+    async fn publish(
+        &self,
+        request: Request<PublishRequest>,
+    ) -> Result<Response<PublishResponse>, Status> {
+        let request = request.into_inner();
+        let subscribers = self
+            .published
+            .send(SubscribeResponse {
+                sequence: request.sequence,
+                payload: request.payload,
+            })
+            .unwrap_or(0);
+        Ok(Response::new(PublishResponse {
+            subscribers: subscribers as u64,
+        }))
     }
 }
 
@@ -58,7 +101,7 @@ pub(super) async fn serve(
     // listener handed in, and without it replies wait on delayed ACKs (40 ms stalls).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .add_service(EchoServiceServer::new(Echo))
+        .add_service(EchoServiceServer::new(Echo::new()))
         .serve_with_incoming_shutdown(incoming, stopped)
         .await
 }
@@ -92,9 +135,27 @@ pub(super) async fn baseline(settings: &Settings) -> Result<Measurement, BenchEr
     Ok(driven.measurement(format!("echo, {} B (baseline)", settings.payload)))
 }
 
-/// `n` idle `Subscribe` streams against an echo server in a process of its own (`mesh bench
-/// echo-server`): its RSS per stream, the bare cost the WatchProfiles figure is read against.
-pub(super) async fn idle_stream_bytes(n: usize, per_connection: usize) -> Result<f64, BenchError> {
+/// What the bare broadcast measured: the baseline of `watch`.
+#[derive(Debug, Default)]
+pub(super) struct BareFanOut {
+    /// Server RSS per idle stream, in bytes.
+    pub(super) bytes_per_stream: f64,
+    /// From each message published to its arrival at each stream.
+    pub(super) latencies: Latencies,
+    /// CPU of the server and of this process while the messages went out.
+    pub(super) cpu: CpuShare,
+}
+
+/// `n` `Subscribe` streams against an echo server in a process of its own (`mesh bench
+/// echo-server`), `per_connection` to a connection: its RSS per idle stream, then `events`
+/// messages of `payload` bytes published, each once the last reached every stream — the bare
+/// tonic costs the WatchProfiles figures are read against.
+pub(super) async fn bare_fan_out(
+    n: usize,
+    per_connection: usize,
+    events: usize,
+    payload: usize,
+) -> Result<BareFanOut, BenchError> {
     let exe = std::env::current_exe().map_err(setup)?;
     let addr: SocketAddr = mesh_testkit::free_addr();
     let mut child = tokio::process::Command::new(exe)
@@ -116,6 +177,7 @@ pub(super) async fn idle_stream_bytes(n: usize, per_connection: usize) -> Result
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    let publisher = EchoServiceClient::new(first[0].clone());
     let mut connections = first;
     connections.extend(super::channels(addr, n.div_ceil(per_connection).saturating_sub(1)).await?);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -136,7 +198,46 @@ pub(super) async fn idle_stream_bytes(n: usize, per_connection: usize) -> Result
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = mesh_testkit::proc_status_kib(pid, "VmRSS");
-    drop(streams);
+
+    let round = Round::new(events, n);
+    let followers: Vec<_> = streams
+        .into_iter()
+        .map(|stream| round.follow(stream, ()))
+        .collect();
+    // As for WatchProfiles: every follower waiting on its stream before the first message.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let payload = vec![0x5a; payload];
+    let cpu = round
+        .send("of the bare broadcast", pid, |k| {
+            let mut publisher = publisher.clone();
+            let request = PublishRequest {
+                sequence: k as u64 + 2,
+                payload: payload.clone(),
+            };
+            async move {
+                let reached = publisher
+                    .publish(request)
+                    .await
+                    .map_err(|e| setup(format!("publish: {e}")))?
+                    .into_inner()
+                    .subscribers;
+                if reached < n as u64 {
+                    return Err(setup(format!("published to {reached} of {n} streams")));
+                }
+                Ok(())
+            }
+        })
+        .await?;
+    let mut latencies = Latencies::default();
+    for follower in followers {
+        if let Ok(((), each, _stream)) = follower.await {
+            latencies.merge(&each);
+        }
+    }
     let _ = child.kill().await;
-    Ok(after.saturating_sub(before) as f64 * 1024.0 / n.max(1) as f64)
+    Ok(BareFanOut {
+        bytes_per_stream: after.saturating_sub(before) as f64 * 1024.0 / n.max(1) as f64,
+        latencies,
+        cpu,
+    })
 }
