@@ -368,7 +368,7 @@ pub(crate) struct Fanout {
     /// Events sent to subscribers from the ring, and from pages of users' log.
     sent: Sent,
     /// The subscribers of each client connection (by its peer address), woken together.
-    groups: Mutex<std::collections::HashMap<Option<std::net::SocketAddr>, Weak<Group>>>,
+    groups: Groups,
 }
 
 /// Events sent to subscribers since the process started, by where they came from.
@@ -390,6 +390,64 @@ pub(crate) struct Sent {
 #[derive(Debug)]
 struct Group {
     head: watch::Sender<i64>,
+}
+
+/// Every connection's [`Group`], by the client's address.
+#[derive(Debug, Default)]
+struct Groups(Mutex<std::collections::HashMap<Option<std::net::SocketAddr>, Weak<Group>>>);
+
+/// Groups of connections whose subscribers have all left are kept at most this many beyond
+/// twice the subscribers (a client opening connection after connection, each subscribing and
+/// leaving, with no change between, must not grow the map).
+const DEAD_GROUPS: usize = 64;
+
+impl Groups {
+    /// The group of the subscribers on `connection`, made at `head()` if it has none, with
+    /// `subscribers` open in all.
+    fn join(
+        &self,
+        connection: Option<std::net::SocketAddr>,
+        head: impl FnOnce() -> i64,
+        subscribers: usize,
+    ) -> Arc<Group> {
+        let mut groups = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(group) = groups.get(&connection).and_then(Weak::upgrade) {
+            return group;
+        }
+        if groups.len() >= 2 * subscribers + DEAD_GROUPS {
+            groups.retain(|_, group| group.strong_count() > 0);
+        }
+        // Read under the lock [`Groups::wake`] takes: a head moved after this read wakes the
+        // new group too.
+        let group = Arc::new(Group {
+            head: watch::channel(head()).0,
+        });
+        groups.insert(connection, Arc::downgrade(&group));
+        group
+    }
+
+    /// Moves every group's head to `sequence` (`None`: marks it changed, for the drain),
+    /// group by group, and forgets the groups whose subscribers have all left.
+    fn wake(&self, sequence: Option<i64>) {
+        let mut groups = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        groups.retain(|_, group| {
+            let Some(group) = group.upgrade() else {
+                return false;
+            };
+            match sequence {
+                Some(sequence) => {
+                    group.head.send_replace(sequence);
+                }
+                None => group.head.send_modify(|_| {}),
+            }
+            true
+        });
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().map_or(0, |groups| groups.len())
+    }
 }
 
 fn profile_event(event: UserEvent) -> ProfileEvent {
@@ -463,7 +521,7 @@ impl Fanout {
             caller_pages: Mutex::default(),
             deleted: Mutex::new(BoundedMap::new(DELETED_KEPT, Duration::from_secs(3600))),
             held: Mutex::new(Vec::new()),
-            groups: Mutex::default(),
+            groups: Groups::default(),
             sent: Sent::default(),
         });
         let task = tokio::spawn({
@@ -481,37 +539,9 @@ impl Fanout {
         *self.head.borrow()
     }
 
-    /// The group of the subscribers on `connection`, made if it has none.
-    fn group(&self, connection: Option<std::net::SocketAddr>) -> Arc<Group> {
-        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(group) = groups.get(&connection).and_then(Weak::upgrade) {
-            return group;
-        }
-        // Read under the lock [`Fanout::wake`] takes: a head moved after this read wakes
-        // the new group too.
-        let group = Arc::new(Group {
-            head: watch::channel(self.head()).0,
-        });
-        groups.insert(connection, Arc::downgrade(&group));
-        group
-    }
-
-    /// Moves every group's head to `sequence` (`None`: marks it changed, for the drain),
-    /// group by group, and forgets the groups whose subscribers have all left.
+    /// Moves every group's head to `sequence` (`None`: marks it changed, for the drain).
     fn wake(&self, sequence: Option<i64>) {
-        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
-        groups.retain(|_, group| {
-            let Some(group) = group.upgrade() else {
-                return false;
-            };
-            match sequence {
-                Some(sequence) => {
-                    group.head.send_replace(sequence);
-                }
-                None => group.head.send_modify(|_| {}),
-            }
-            true
-        });
+        self.groups.wake(sequence);
     }
 
     /// The one upstream subscription: connect, relay, reconnect from the last sequence seen.
@@ -707,7 +737,9 @@ impl Fanout {
             Some(after) => (after, head),
             None => (head, -1),
         };
-        let group = self.group(connection);
+        let group = self
+            .groups
+            .join(connection, || self.head(), self.slots.open());
         let subscriber = Subscriber {
             caller,
             fanout: self.clone(),
@@ -968,6 +1000,32 @@ mod tests {
         assert_eq!(next(14), Some(Some(15)));
         assert_eq!(next(16), Some(None));
         assert_eq!(next(11), None, "older than the ring");
+    }
+
+    /// Groups of connections whose subscribers have left are forgotten, changes or not: a
+    /// client that connects, subscribes and leaves again and again does not grow the map.
+    #[test]
+    fn groups_of_left_connections_are_forgotten() {
+        let groups = Groups::default();
+        let addr = |port| Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+        let kept: Vec<_> = (1..=10)
+            .map(|port| groups.join(addr(port), || 5, 10))
+            .collect();
+        for port in 100..10_100 {
+            drop(groups.join(addr(port), || 5, 10));
+        }
+        assert!(
+            groups.len() <= 10 + 2 * 10 + DEAD_GROUPS,
+            "{} groups for 10 live",
+            groups.len()
+        );
+        // The live ones are still the ones their subscribers hold, and a change reaches them.
+        for (port, group) in (1..=10).zip(&kept) {
+            assert!(Arc::ptr_eq(&groups.join(addr(port), || 0, 10), group));
+        }
+        groups.wake(Some(7));
+        assert!(kept.iter().all(|g| *g.head.borrow() == 7));
+        assert_eq!(groups.len(), 10, "a change forgets the rest");
     }
 
     /// A deletion erases the profile's earlier events for everyone, and its own DELETED event
