@@ -209,6 +209,14 @@ fn watch() {
 fn login() {
     let value = run("login", &[]);
     assert!(figure(&value, "raw Argon2id verifications per second") > 0.0);
+    // Logins and token checks are measured, not refused.
+    for m in value["measurements"].as_array().expect("measurements") {
+        let name = m["name"].as_str().unwrap_or_default();
+        if name.starts_with("Login") || name == "ValidateToken" {
+            assert_eq!(m["errors"], 0, "{m}");
+            assert!(m["calls"].as_u64() > Some(0), "{m}");
+        }
+    }
     let names = names(&value);
     assert!(names.iter().any(|n| n.starts_with("Login")), "{names:?}");
     assert!(

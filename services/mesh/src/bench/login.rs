@@ -19,7 +19,13 @@ use super::{
 };
 
 const PASSWORD: &str = "benchmark password";
-const EMAIL: &str = "bench@example.com";
+
+/// The account of login caller `i`: one per caller, because auth refuses an account's login
+/// while as many checks of it are under way as its failure limit (so that concurrent guesses
+/// cannot race past the limit), and one account for every caller hit that limit at once.
+fn email(i: usize) -> String {
+    format!("bench-{i}@example.com")
+}
 
 pub(super) async fn login(settings: &Settings) -> Result<Outcome, BenchError> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -30,21 +36,28 @@ pub(super) async fn login(settings: &Settings) -> Result<Outcome, BenchError> {
         .await
         .map_err(setup)?;
 
-    // 2. An auth server on loopback, one account.
+    // 2. An auth server on loopback, an account per caller.
     let data = std::env::temp_dir().join(format!("mesh-bench-login-{}", std::process::id()));
     let auth = start_auth(&data, None).await?;
     let channels = Arc::new(channels(auth.addr, settings.connections).await?);
-    let access_token = AuthServiceClient::new(channels[0].clone())
-        .register(RegisterRequest {
-            email: EMAIL.into(),
-            password: PASSWORD.into(),
-        })
-        .await
-        .map_err(|e| setup(format!("register: {e}")))?
-        .into_inner()
-        .tokens
-        .map(|t| t.access_token)
-        .ok_or_else(|| setup("no tokens"))?;
+    // One more account whose token `ValidateToken` checks: no login of the storm ends its
+    // session (an account keeps at most `MAX_SESSIONS_PER_ACCOUNT` live sessions, the oldest
+    // ended first).
+    let callers = settings.concurrency;
+    let mut access_token = String::new();
+    for i in (0..callers).rev().chain([callers]) {
+        access_token = AuthServiceClient::new(channels[0].clone())
+            .register(RegisterRequest {
+                email: email(i),
+                password: PASSWORD.into(),
+            })
+            .await
+            .map_err(|e| setup(format!("register: {e}")))?
+            .into_inner()
+            .tokens
+            .map(|t| t.access_token)
+            .ok_or_else(|| setup("no tokens"))?;
+    }
 
     // 3. Health latency while idle, on a connection of its own.
     let health_channel = channels_one(auth.addr).await?;
@@ -62,7 +75,7 @@ pub(super) async fn login(settings: &Settings) -> Result<Outcome, BenchError> {
             async move {
                 client
                     .login(LoginRequest {
-                        email: EMAIL.into(),
+                        email: email(worker % callers),
                         password: PASSWORD.into(),
                     })
                     .await
