@@ -20,6 +20,43 @@ const OTLP_FILES: &[&str] = &[
     "opentelemetry/proto/collector/metrics/v1/metrics_service.proto",
 ];
 
+/// Server methods whose answers are encoded once and shared by many streams: the generated
+/// server takes `mesh_proto::codec::Encoded` of the response message from them. On the wire
+/// and in the clients nothing changes.
+const SHARED_RESPONSES: &[(&str, &str)] =
+    &[("mesh.aggregator.v1.AggregatorService", "WatchProfiles")];
+
+/// tonic's generator, with the servers of [`SHARED_RESPONSES`] answering `Encoded` messages.
+struct SharedResponses {
+    clients: Box<dyn prost_build::ServiceGenerator>,
+    servers: Box<dyn prost_build::ServiceGenerator>,
+}
+
+impl prost_build::ServiceGenerator for SharedResponses {
+    fn generate(&mut self, service: prost_build::Service, buf: &mut String) {
+        self.clients.generate(service.clone(), buf);
+        let mut service = service;
+        let name = format!("{}.{}", service.package, service.proto_name);
+        for method in &mut service.methods {
+            if SHARED_RESPONSES.contains(&(name.as_str(), method.proto_name.as_str())) {
+                method.output_type =
+                    format!("crate::codec::Encoded<super::{}>", method.output_type);
+            }
+        }
+        self.servers.generate(service, buf);
+    }
+
+    fn finalize(&mut self, buf: &mut String) {
+        self.clients.finalize(buf);
+        self.servers.finalize(buf);
+    }
+
+    fn finalize_package(&mut self, package: &str, buf: &mut String) {
+        self.clients.finalize_package(package, buf);
+        self.servers.finalize_package(package, buf);
+    }
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     let proto_root = manifest_dir.join("../../proto").canonicalize()?;
@@ -46,13 +83,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         )?;
     }
 
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .build_transport(true)
-        // Small starting buffers: what an idle long-lived stream costs (see `codec.rs`).
-        .codec_path("crate::codec::MeshCodec")
-        .compile_fds(fds)?;
+    // Small starting buffers: what an idle long-lived stream costs (see `codec.rs`).
+    let tonic = || tonic_prost_build::configure().codec_path("crate::codec::MeshCodec");
+    let mut config = prost_build::Config::new();
+    config.service_generator(Box::new(SharedResponses {
+        clients: tonic().build_server(false).service_generator(),
+        servers: tonic().build_client(false).service_generator(),
+    }));
+    config.compile_fds(fds)?;
 
     let bench = protox::compile(BENCH_FILES, [&proto_root])?;
     tonic_prost_build::configure()

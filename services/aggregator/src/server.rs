@@ -17,6 +17,7 @@ use mesh_proto::{
         profile_result,
     },
     auth::v1 as auth,
+    codec::Encoded,
     users::v1 as users,
 };
 use tokio_stream::Stream;
@@ -559,7 +560,7 @@ impl Inner {
     async fn watch_profiles(
         &self,
         request: Request<WatchProfilesRequest>,
-    ) -> Result<BoxStream<ProfileEvent>, AggregatorError> {
+    ) -> Result<BoxStream<Encoded<ProfileEvent>>, AggregatorError> {
         let caller = claims(&request)?;
         let connection = mesh_runtime::peer_addr(request.extensions());
         let after = request.into_inner().after_sequence;
@@ -746,7 +747,8 @@ impl AggregatorService for AggregatorServer {
         Ok(Response::new(self.inner.lookup_profiles(request)?))
     }
 
-    type WatchProfilesStream = BoxStream<ProfileEvent>;
+    /// Events encoded once by the relay, shared by every subscriber it serves them to.
+    type WatchProfilesStream = BoxStream<Encoded<ProfileEvent>>;
 
     async fn watch_profiles(
         &self,

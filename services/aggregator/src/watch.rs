@@ -17,6 +17,10 @@
 //! [`WatchLimits::replay_idle`] is dropped (and read again if the client comes back). Streams
 //! are bounded in all and per caller.
 //!
+//! Each event is encoded once, when it enters the ring (and once more erased, if its profile
+//! is deleted): every subscriber the ring serves sends those same bytes
+//! ([`mesh_proto::codec::Encoded`]). Only pages of users' log are encoded per subscriber.
+//!
 //! Erasure: once an account is deleted, no replay shows its display name or bio — events of a
 //! deleted profile still in the ring are served erased, and its DELETED event carries the last
 //! state only to subscribers that were live when it happened (users' stored log is erased the
@@ -32,6 +36,7 @@ use futures_util::StreamExt as _;
 use mesh_proto::{
     aggregator::v1::{Profile, ProfileEvent, ProfileEventKind},
     auth::v1::IssueServiceTokenRequest,
+    codec::Encoded,
     users::v1::{EventKind, UserEvent, WatchUsersRequest},
 };
 use mesh_runtime::{
@@ -154,16 +159,28 @@ pub(crate) struct WatchLimits {
     pub(crate) replay_idle: Duration,
 }
 
-/// One event in the ring.
+/// One event in the ring, encoded.
 #[derive(Debug)]
 struct Entry {
     sequence: i64,
     user_id: String,
     deleted_event: bool,
-    event: Arc<ProfileEvent>,
+    event: ProfileEvent,
+    encoded: Encoded<ProfileEvent>,
     /// The event without display name and bio: for every reader once the profile is deleted,
     /// and, for its DELETED event, for readers that replay it.
-    erased: OnceLock<Arc<ProfileEvent>>,
+    erased: OnceLock<Encoded<ProfileEvent>>,
+}
+
+impl Entry {
+    /// The event as a reader that replays through `replay_until` sees it.
+    fn shown(&self, replay_until: i64) -> &Encoded<ProfileEvent> {
+        let replayed = self.sequence <= replay_until;
+        match self.erased.get() {
+            Some(erased) if !self.deleted_event || replayed => erased,
+            _ => &self.encoded,
+        }
+    }
 }
 
 fn erase(event: &ProfileEvent) -> ProfileEvent {
@@ -193,7 +210,7 @@ impl Ring {
         if deleted_event {
             // No replay shows a deleted profile's name or bio again.
             for entry in self.entries.iter().filter(|e| e.user_id == user_id) {
-                let _ = entry.erased.set(Arc::new(erase(&entry.event)));
+                let _ = entry.erased.set(Encoded::new(&erase(&entry.event)));
             }
         }
         let entry = Entry {
@@ -201,10 +218,11 @@ impl Ring {
             user_id,
             deleted_event,
             erased: OnceLock::new(),
-            event: Arc::new(event),
+            encoded: Encoded::new(&event),
+            event,
         };
         if deleted_event {
-            let _ = entry.erased.set(Arc::new(erase(&entry.event)));
+            let _ = entry.erased.set(Encoded::new(&erase(&entry.event)));
         }
         self.entries.push_back(Arc::new(entry));
         while self.entries.len() > capacity.max(1) {
@@ -214,32 +232,30 @@ impl Ring {
         }
     }
 
-    /// The first event after `position`, as a reader that replays through `replay_until`
-    /// sees it (`Some(None)`: nothing after it yet); `None` when `position` is older than the
-    /// ring. Nothing is allocated: a live subscriber takes each event this way.
-    fn next_after(&self, position: i64, replay_until: i64) -> Option<Option<Arc<ProfileEvent>>> {
+    /// The first event after `position` and its sequence, as a reader that replays through
+    /// `replay_until` sees it (`Some(None)`: nothing after it yet); `None` when `position` is
+    /// older than the ring. Nothing is allocated or encoded: a live subscriber takes each
+    /// event this way, sharing its bytes.
+    fn next_after(
+        &self,
+        position: i64,
+        replay_until: i64,
+    ) -> Option<Option<(i64, Encoded<ProfileEvent>)>> {
         if position < self.floor {
             return None;
         }
         let start = self.entries.partition_point(|e| e.sequence <= position);
-        Some(self.entries.get(start).map(|entry| {
-            let replayed = entry.sequence <= replay_until;
-            match entry.erased.get() {
-                Some(erased) if !entry.deleted_event || replayed => erased.clone(),
-                _ => entry.event.clone(),
-            }
-        }))
+        Some(
+            self.entries
+                .get(start)
+                .map(|entry| (entry.sequence, entry.shown(replay_until).clone())),
+        )
     }
 
     /// Up to `max` events after `position`, as a reader that replays through `replay_until`
     /// sees them; `None` when `position` is older than the ring.
     #[cfg(test)]
-    fn after(
-        &self,
-        position: i64,
-        replay_until: i64,
-        max: usize,
-    ) -> Option<Vec<Arc<ProfileEvent>>> {
+    fn after(&self, position: i64, replay_until: i64, max: usize) -> Option<Vec<ProfileEvent>> {
         if position < self.floor {
             return None;
         }
@@ -248,13 +264,7 @@ impl Ring {
             self.entries
                 .range(start..)
                 .take(max)
-                .map(|entry| {
-                    let replayed = entry.sequence <= replay_until;
-                    match entry.erased.get() {
-                        Some(erased) if !entry.deleted_event || replayed => erased.clone(),
-                        _ => entry.event.clone(),
-                    }
-                })
+                .map(|entry| entry.shown(replay_until).to_message().expect("decodes"))
                 .collect(),
         )
     }
@@ -708,7 +718,7 @@ impl Fanout {
         caller: [u8; 16],
         connection: Option<std::net::SocketAddr>,
         after: Option<i64>,
-    ) -> Result<BoxStream<ProfileEvent>, AggregatorError> {
+    ) -> Result<BoxStream<Encoded<ProfileEvent>>, AggregatorError> {
         if let Some(after) = after
             && after < 0
         {
@@ -820,7 +830,7 @@ impl Subscriber {
         ))
     }
 
-    async fn next(&mut self) -> Option<Result<ProfileEvent, Status>> {
+    async fn next(&mut self) -> Option<Result<Encoded<ProfileEvent>, Status>> {
         loop {
             if self.done {
                 return None;
@@ -841,7 +851,7 @@ impl Subscriber {
                             .sent
                             .from_log
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        return Some(Ok(self.shown(&event)));
+                        return Some(Ok(Encoded::new(&self.shown(&event))));
                     }
                     Some(_) => continue,
                     // Read out, or taken back by the janitor: read on from the position.
@@ -875,13 +885,13 @@ impl Subscriber {
             };
             match from_ring {
                 // The ring's own entries are erased once their profile is deleted.
-                Some(Some(event)) => {
-                    self.position = event.sequence;
+                Some(Some((sequence, event))) => {
+                    self.position = sequence;
                     self.fanout
                         .sent
                         .from_ring
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return Some(Ok(ProfileEvent::clone(&event)));
+                    return Some(Ok(event));
                 }
                 // Everything up to the head is in the ring once the head has moved there.
                 Some(None) => {
@@ -985,7 +995,7 @@ mod tests {
             ring.push(event(sequence, "u", ProfileEventKind::Updated), 3);
         }
         assert_eq!(ring.floor, 12, "the oldest went");
-        let seqs = |v: Option<Vec<Arc<ProfileEvent>>>| {
+        let seqs = |v: Option<Vec<ProfileEvent>>| {
             v.map(|v| v.iter().map(|e| e.sequence).collect::<Vec<_>>())
         };
         assert_eq!(seqs(ring.after(12, -1, 10)), Some(vec![13, 15, 16]));
@@ -994,12 +1004,55 @@ mod tests {
         assert_eq!(seqs(ring.after(16, -1, 10)), Some(vec![]));
         assert_eq!(seqs(ring.after(11, -1, 10)), None);
         // One at a time, as a live subscriber reads it: the same events.
-        let next = |position| ring.next_after(position, -1).map(|e| e.map(|e| e.sequence));
+        let next = |position| {
+            ring.next_after(position, -1)
+                .map(|e| e.map(|(sequence, _)| sequence))
+        };
         assert_eq!(next(12), Some(Some(13)));
         assert_eq!(next(13), Some(Some(15)));
         assert_eq!(next(14), Some(Some(15)));
         assert_eq!(next(16), Some(None));
         assert_eq!(next(11), None, "older than the ring");
+    }
+
+    /// Every reader of an event in the ring sends the same bytes, encoded once when the event
+    /// came in: live and replaying readers alike, erased ones the one erased encoding; only a
+    /// replay of a DELETED event differs from what its live readers got.
+    #[test]
+    fn ring_events_are_encoded_once_for_every_reader() {
+        use prost::Message as _;
+        let mut ring = Ring::default();
+        ring.push(event(1, "kept", ProfileEventKind::Created), 10);
+        ring.push(event(2, "gone", ProfileEventKind::Created), 10);
+        let read = |ring: &Ring, position, replay_until| {
+            ring.next_after(position, replay_until)
+                .flatten()
+                .expect("in the ring")
+                .1
+        };
+        let first = read(&ring, 0, -1);
+        assert_eq!(
+            first.bytes()[..],
+            event(1, "kept", ProfileEventKind::Created).encode_to_vec()[..]
+        );
+        for replay_until in [-1, 1, 5] {
+            let again = read(&ring, 0, replay_until);
+            assert_eq!(again.bytes().as_ptr(), first.bytes().as_ptr(), "shared");
+            assert_eq!(again, first);
+        }
+        ring.push(event(3, "gone", ProfileEventKind::Deleted), 10);
+        let erased = read(&ring, 1, -1);
+        assert_eq!(read(&ring, 1, 3).bytes().as_ptr(), erased.bytes().as_ptr());
+        let shown = erased.to_message().expect("decodes");
+        assert_eq!(shown.profile.map(|p| p.display_name), Some(String::new()));
+        let live = read(&ring, 2, -1);
+        let replayed = read(&ring, 2, 3);
+        assert_eq!(read(&ring, 2, -1).bytes().as_ptr(), live.bytes().as_ptr());
+        assert_eq!(
+            read(&ring, 2, 3).bytes().as_ptr(),
+            replayed.bytes().as_ptr()
+        );
+        assert_ne!(live, replayed, "a replayed deletion is erased");
     }
 
     /// Groups of connections whose subscribers have left are forgotten, changes or not: a
@@ -1054,7 +1107,8 @@ mod tests {
         let name = |position, replay_until| {
             ring.next_after(position, replay_until)
                 .flatten()
-                .and_then(|e| e.profile.as_ref().map(|p| p.display_name.clone()))
+                .and_then(|(_, e)| e.to_message().expect("decodes").profile)
+                .map(|p| p.display_name)
         };
         assert_eq!(name(0, -1).as_deref(), Some(""));
         assert_eq!(name(2, -1).as_deref(), Some("name 3"), "live deletion");

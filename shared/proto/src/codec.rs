@@ -8,8 +8,17 @@
 //! out its room is used again for the next, so a WatchProfiles stream keeps 256 bytes where
 //! a 1 KiB buffer kept 1 KiB (`mesh bench watch`). Buffers still grow to fit a larger
 //! message, so only idle streams see a difference.
+//!
+//! [`Encoded`] is a message encoded once and sent as those bytes to any number of callers: a
+//! server method whose answers many streams share (WatchProfiles) is generated with it as its
+//! response type (`build.rs`), so each event is encoded once per relay rather than once per
+//! subscriber. tonic has no per-method codec and no pre-encoded messages; prost encodes a
+//! message as its fields' bytes, so a type whose fields' bytes are already at hand is a
+//! `prost::Message` like any other, and tonic's own codec sends it.
 
-use std::marker::PhantomData;
+use std::{fmt, marker::PhantomData};
+
+use prost::bytes::{BufMut, Bytes, BytesMut};
 
 use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
@@ -51,5 +60,129 @@ where
 
     fn decoder(&mut self) -> Self::Decoder {
         ProstCodec::<T, U>::raw_decoder(settings(DECODE_BUFFER_BYTES))
+    }
+}
+
+/// A message of type `M`, encoded once: cloning it shares the bytes, and encoding it writes
+/// them as they are. On the wire it is `M`; a client decodes it as `M`.
+pub struct Encoded<M> {
+    bytes: Bytes,
+    message: PhantomData<fn() -> M>,
+}
+
+impl<M: prost::Message> Encoded<M> {
+    /// `message`, encoded.
+    pub fn new(message: &M) -> Self {
+        Self::from_bytes(Bytes::from(message.encode_to_vec()))
+    }
+}
+
+impl<M> Encoded<M> {
+    fn from_bytes(bytes: Bytes) -> Self {
+        Self {
+            bytes,
+            message: PhantomData,
+        }
+    }
+
+    /// The encoded bytes (shared by every clone).
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// The message again.
+    pub fn to_message(&self) -> Result<M, prost::DecodeError>
+    where
+        M: prost::Message + Default,
+    {
+        M::decode(self.bytes.clone())
+    }
+}
+
+impl<M> Clone for Encoded<M> {
+    fn clone(&self) -> Self {
+        Self::from_bytes(self.bytes.clone())
+    }
+}
+
+impl<M> Default for Encoded<M> {
+    fn default() -> Self {
+        Self::from_bytes(Bytes::new())
+    }
+}
+
+impl<M> fmt::Debug for Encoded<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Encoded")
+            .field("type", &std::any::type_name::<M>())
+            .field("bytes", &self.bytes.len())
+            .finish()
+    }
+}
+
+impl<M> PartialEq for Encoded<M> {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes == other.bytes
+    }
+}
+
+impl<M: prost::Message + Default> prost::Message for Encoded<M> {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        buf.put_slice(&self.bytes);
+    }
+
+    /// Merges as protobuf defines it for messages, by appending: the field is read as `M`
+    /// reads it and its encoding follows the bytes already here. (The mesh only sends
+    /// `Encoded`; this keeps it a whole `Message`.)
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl prost::bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        let mut field = M::default();
+        field.merge_field(tag, wire_type, buf, ctx)?;
+        let mut bytes = BytesMut::with_capacity(self.bytes.len() + field.encoded_len());
+        bytes.put_slice(&self.bytes);
+        field.encode_raw(&mut bytes);
+        self.bytes = bytes.freeze();
+        Ok(())
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn clear(&mut self) {
+        self.bytes = Bytes::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::Encoded;
+
+    /// An encoded message goes out as the same bytes as the message, and comes back whole.
+    #[test]
+    fn encoded_is_the_message_on_the_wire() {
+        let message = prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 5,
+        };
+        let encoded = Encoded::new(&message);
+        assert_eq!(encoded.encode_to_vec(), message.encode_to_vec());
+        assert_eq!(encoded.encoded_len(), message.encoded_len());
+        assert_eq!(encoded.to_message().expect("decodes"), message);
+        // Decoded as an `Encoded`, field by field: the same message.
+        let again = <Encoded<prost_types::Timestamp> as prost::Message>::decode(
+            &message.encode_to_vec()[..],
+        )
+        .expect("decodes");
+        assert_eq!(again.to_message().expect("decodes"), message);
+        // Clones share the bytes.
+        assert_eq!(encoded.clone().bytes().as_ptr(), encoded.bytes().as_ptr());
     }
 }

@@ -2,9 +2,15 @@
 
 use std::time::Duration;
 
+use prost::{
+    Message as _,
+    bytes::{Buf as _, Bytes},
+};
+
 use mesh_proto::{
     aggregator::v1::{
-        ProfileEventKind, WatchProfilesRequest, aggregator_service_client::AggregatorServiceClient,
+        ProfileEvent, ProfileEventKind, WatchProfilesRequest,
+        aggregator_service_client::AggregatorServiceClient,
     },
     users::v1 as users,
 };
@@ -57,6 +63,189 @@ async fn futures_join(n: usize, addr: std::net::SocketAddr) -> Vec<Channel> {
         channels.push(connect(addr).await);
     }
     channels
+}
+
+/// A client of WatchProfiles that keeps each event's bytes as they came off the wire.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawEvents;
+
+impl tonic::codec::Codec for RawEvents {
+    type Encode = WatchProfilesRequest;
+    type Decode = Bytes;
+    type Encoder = Self;
+    type Decoder = Self;
+
+    fn encoder(&mut self) -> Self {
+        Self
+    }
+
+    fn decoder(&mut self) -> Self {
+        Self
+    }
+}
+
+impl tonic::codec::Encoder for RawEvents {
+    type Item = WatchProfilesRequest;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: WatchProfilesRequest,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        item.encode(buf)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl tonic::codec::Decoder for RawEvents {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Bytes>, tonic::Status> {
+        Ok(Some(buf.copy_to_bytes(buf.remaining())))
+    }
+}
+
+/// WatchProfiles on `channel`, after `after`, as raw bytes per event.
+async fn watch_raw(channel: Channel, token: &str, after: Option<i64>) -> tonic::Streaming<Bytes> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    grpc.server_streaming(
+        bearer(
+            token,
+            WatchProfilesRequest {
+                after_sequence: after,
+            },
+        ),
+        tonic::codegen::http::uri::PathAndQuery::from_static(
+            "/mesh.aggregator.v1.AggregatorService/WatchProfiles",
+        ),
+        RawEvents,
+    )
+    .await
+    .expect("watch")
+    .into_inner()
+}
+
+/// The next `n` events of a raw watch.
+async fn take_raw(stream: &mut tonic::Streaming<Bytes>, n: usize) -> Vec<Bytes> {
+    let mut events = Vec::with_capacity(n);
+    while events.len() < n {
+        let event = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("timed out after {} of {n} events", events.len()))
+            .expect("event")
+            .expect("stream open");
+        events.push(event);
+    }
+    events
+}
+
+/// Every subscriber the relay serves gets byte-identical events — over one connection or
+/// many, live or replaying — each the protobuf encoding of the event it decodes to; once a
+/// profile is deleted, every replay shows its events erased alike, and its DELETED event
+/// carries the last state only to those who were live.
+#[tokio::test]
+async fn watch_profiles_sends_every_subscriber_the_same_bytes() {
+    let mesh = start().await;
+    let service = mesh.keys.service("test");
+    let mut first = watch_live(&mut mesh.aggregator_client(), &service).await;
+    let (gone, gone_token) = profile(&mesh, "Gone").await;
+    let (kept, kept_token) = profile(&mesh, "Kept").await;
+    take(&mut first, 2).await;
+    let channels = futures_join(4, mesh.aggregator().addr).await;
+    let mut live = Vec::new();
+    for n in 0..40 {
+        live.push(watch_raw(channels[n % channels.len()].clone(), &service, None).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut users = mesh.users_client();
+    for (token, bio) in [
+        (&gone_token, "one"),
+        (&kept_token, "two"),
+        (&gone_token, "three"),
+    ] {
+        users
+            .update_user(bearer(
+                token,
+                users::UpdateUserRequest {
+                    user: Some(users::User {
+                        bio: bio.into(),
+                        ..users::User::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["bio".into()],
+                    }),
+                    expected_version: 0,
+                },
+            ))
+            .await
+            .expect("update");
+    }
+    users
+        .delete_user(bearer(
+            &gone_token,
+            users::DeleteUserRequest { id: gone.clone() },
+        ))
+        .await
+        .expect("delete");
+    let mut seen = Vec::new();
+    for stream in &mut live {
+        seen.push(take_raw(stream, 4).await);
+    }
+    assert!(
+        seen.iter().all(|other| *other == seen[0]),
+        "every live subscriber got the same bytes"
+    );
+    let events: Vec<ProfileEvent> = seen[0]
+        .iter()
+        .map(|bytes| ProfileEvent::decode(bytes.clone()).expect("decodes"))
+        .collect();
+    for (bytes, event) in seen[0].iter().zip(&events) {
+        assert_eq!(bytes[..], event.encode_to_vec()[..], "canonical encoding");
+    }
+    let shown = |event: &ProfileEvent| {
+        event
+            .profile
+            .as_ref()
+            .map(|p| (p.user_id.clone(), p.display_name.clone(), p.bio.clone()))
+    };
+    let full = |id: &str, name: &str, bio: &str| Some((id.to_owned(), name.into(), bio.into()));
+    let erased = |id: &str| Some((id.to_owned(), String::new(), String::new()));
+    assert_eq!(shown(&events[1]), full(&kept, "Kept", "two"));
+    assert_eq!(events[3].kind(), ProfileEventKind::Deleted);
+    assert_eq!(
+        shown(&events[3]),
+        full(&gone, "Gone", "three"),
+        "a live deletion shows the last state"
+    );
+
+    // Subscribers that replay the same stretch after the deletion, on a shared connection
+    // and on connections of their own: the same bytes as each other; the kept profile's the
+    // same as the live subscribers'; every event of the deleted profile erased.
+    let after = events[0].sequence - 1;
+    let shared = connect(mesh.aggregator().addr).await;
+    let mut replays = Vec::new();
+    for n in 0..6 {
+        let channel = if n % 2 == 0 {
+            shared.clone()
+        } else {
+            connect(mesh.aggregator().addr).await
+        };
+        let mut stream = watch_raw(channel, &service, Some(after)).await;
+        replays.push(take_raw(&mut stream, 4).await);
+    }
+    assert!(replays.iter().all(|other| *other == replays[0]));
+    assert_eq!(replays[0][1], seen[0][1]);
+    for n in [0, 2, 3] {
+        let replayed = ProfileEvent::decode(replays[0][n].clone()).expect("decodes");
+        assert_eq!(shown(&replayed), erased(&gone), "event {n} replayed erased");
+        assert_eq!(replayed.sequence, events[n].sequence);
+    }
 }
 
 /// WatchProfiles: 1,000 subscribers on the one relay all get the same complete, ordered
