@@ -16,6 +16,10 @@ pub(crate) struct IssuedToken {
 pub(crate) struct TokenIssuer {
     keys: KeyRing,
     verifier: Verifier,
+    /// The tokens this process has verified (its keys never change while it runs): every
+    /// `ListSessions`, `ValidateToken` and account call checks the caller's token, and a
+    /// client sends the same one for its whole life.
+    verified: std::sync::Arc<mesh_authn::VerifiedTokens>,
     issuer: String,
     audience: String,
     ttl: Duration,
@@ -41,6 +45,7 @@ impl TokenIssuer {
         Ok(Self {
             keys,
             verifier,
+            verified: std::sync::Arc::default(),
             issuer,
             audience,
             ttl,
@@ -63,9 +68,16 @@ impl TokenIssuer {
         )
     }
 
-    /// Verifies a token signed by this ring (signature and claims only).
+    /// Verifies a token signed by this ring (signature and claims only), once per token: a
+    /// token seen before has only its times checked again.
     pub(crate) fn verify(&self, token: &str, now: i64) -> Result<Claims, TokenError> {
-        self.verifier.verify(token, now)
+        self.verified.verify(&self.verifier, token, now)
+    }
+
+    /// How many verifications were answered without checking a signature.
+    #[cfg(test)]
+    pub(crate) fn verified_hits(&self) -> u64 {
+        self.verified.hits()
     }
 
     /// A token for service `client_id`: `sub` = `service:<client_id>`, no e-mail, no session.
@@ -112,5 +124,58 @@ impl TokenIssuer {
     /// How long access tokens live.
     pub(crate) fn ttl(&self) -> Duration {
         self.ttl
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issuer() -> TokenIssuer {
+        TokenIssuer::new(
+            KeyRing::generate().expect("a key"),
+            "https://auth.test".into(),
+            "mesh".into(),
+            Duration::from_secs(900),
+        )
+        .expect("issuer")
+    }
+
+    /// A token's signature is checked once; its times on every use, so it still expires; a
+    /// token that fails is never taken as verified, however often it comes.
+    #[test]
+    fn tokens_are_verified_once() {
+        let issuer = issuer();
+        let now = unix_now();
+        let token = issuer.issue_user("u1", "u1@example.com", "s1", now).token;
+        assert_eq!(issuer.verify(&token, now).expect("valid").sub, "u1");
+        assert_eq!(issuer.verified_hits(), 0);
+        for _ in 0..3 {
+            assert_eq!(
+                issuer.verify(&token, now).expect("valid").sid.as_deref(),
+                Some("s1")
+            );
+        }
+        assert_eq!(
+            issuer.verified_hits(),
+            3,
+            "answered without a signature check"
+        );
+        assert!(matches!(
+            issuer.verify(&token, now + 3600),
+            Err(TokenError::Expired)
+        ));
+        let mut forged = token.clone();
+        forged.pop();
+        forged.push(if token.ends_with('A') { 'B' } else { 'A' });
+        for _ in 0..2 {
+            assert!(issuer.verify(&forged, now).is_err());
+        }
+        assert_eq!(issuer.verified_hits(), 3);
+        // Another ring's token with the same claims is not this ring's.
+        let other = self::issuer()
+            .issue_user("u1", "u1@example.com", "s1", now)
+            .token;
+        assert!(issuer.verify(&other, now).is_err());
     }
 }

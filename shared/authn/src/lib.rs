@@ -103,18 +103,76 @@ pub struct JwksCache {
     fetches: std::sync::atomic::AtomicU64,
     /// The JWK Set the verifier was built from, to tell a changed key set from the same one.
     jwks_json: std::sync::Mutex<String>,
-    /// Tokens already verified with the current keys, by the SHA-256 of their text: a client
-    /// sends the same token for its whole life, and an Ed25519 check costs far more than a
-    /// lookup. Only valid tokens get in (garbage cannot fill it), times and revocation are
-    /// checked again on every use, new keys empty it, and it is a [`BoundedMap`]: at most
-    /// [`MAX_VERIFIED_TOKENS`], the oldest first.
-    verified: std::sync::Mutex<BoundedMap<[u8; 32], Claims>>,
-    verified_hits: std::sync::atomic::AtomicU64,
+    /// Tokens already verified with the current keys (revocation is checked again on every
+    /// use; new keys empty it).
+    verified: VerifiedTokens,
     /// Revoked sessions (by [`key16`] of their id) and when each may be forgotten (Unix ms),
     /// from auth's `WatchRevocations`.
     revoked: std::sync::RwLock<HashMap<[u8; 16], i64>>,
     /// Whether the revocation stream's snapshot has arrived since start-up.
     following: AtomicBool,
+}
+
+/// Tokens already verified, by the SHA-256 of their text: a client sends the same token for
+/// its whole life, and an Ed25519 check costs far more than a lookup. Only valid tokens get in
+/// (garbage cannot fill it), their times are checked again on every use, and it is a
+/// [`BoundedMap`]: at most [`MAX_VERIFIED_TOKENS`], each for at most [`VERIFIED_TOKEN_AGE`],
+/// the oldest going first. Used by every [`JwksCache`], and by auth for the tokens it checks
+/// itself.
+#[derive(Debug)]
+pub struct VerifiedTokens {
+    tokens: std::sync::Mutex<BoundedMap<[u8; 32], Claims>>,
+    hits: std::sync::atomic::AtomicU64,
+}
+
+impl Default for VerifiedTokens {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl VerifiedTokens {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self {
+            tokens: std::sync::Mutex::new(BoundedMap::new(MAX_VERIFIED_TOKENS, VERIFIED_TOKEN_AGE)),
+            hits: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `token`'s claims at `now` (Unix seconds): from the cache, with their times checked
+    /// again, or verified with `verifier` and kept if valid. Use one cache per key set.
+    pub fn verify(&self, verifier: &Verifier, token: &str, now: i64) -> Result<Claims, TokenError> {
+        let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let at = tokio::time::Instant::now();
+        let known = self
+            .tokens
+            .lock()
+            .ok()
+            .and_then(|mut tokens| tokens.get_mut(&key, at).cloned());
+        if let Some(claims) = known {
+            verifier.check_time(&claims, now)?;
+            self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(claims);
+        }
+        let claims = verifier.verify(token, now)?;
+        if let Ok(mut tokens) = self.tokens.lock() {
+            tokens.get_or_insert_with(key, at, || claims.clone());
+        }
+        Ok(claims)
+    }
+
+    /// Forgets every token (the keys they were verified with have changed).
+    pub fn clear(&self) {
+        if let Ok(mut tokens) = self.tokens.lock() {
+            *tokens = BoundedMap::new(MAX_VERIFIED_TOKENS, VERIFIED_TOKEN_AGE);
+        }
+    }
+
+    /// How many verifications the cache answered.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Verified tokens kept at most (about 5 MiB of claims and keys); when full, the oldest go.
@@ -148,11 +206,7 @@ impl JwksCache {
             max_lifetime_secs: mesh_token::DEFAULT_MAX_LIFETIME_SECS,
             fetches: std::sync::atomic::AtomicU64::new(0),
             jwks_json: std::sync::Mutex::new(String::new()),
-            verified: std::sync::Mutex::new(BoundedMap::new(
-                MAX_VERIFIED_TOKENS,
-                VERIFIED_TOKEN_AGE,
-            )),
-            verified_hits: std::sync::atomic::AtomicU64::new(0),
+            verified: VerifiedTokens::new(),
             revoked: std::sync::RwLock::new(HashMap::new()),
             following: AtomicBool::new(false),
         }
@@ -221,9 +275,7 @@ impl JwksCache {
             .map_err(|_| AuthnError::KeysUnavailable(Status::internal("bad key in JWKS")))?
             .with_max_lifetime(self.max_lifetime_secs);
         let mut current = self.verifier.write().await;
-        if let Ok(mut verified) = self.verified.lock() {
-            *verified = BoundedMap::new(MAX_VERIFIED_TOKENS, VERIFIED_TOKEN_AGE);
-        }
+        self.verified.clear();
         if let Ok(mut json) = self.jwks_json.lock() {
             *json = jwks_json.to_owned();
         }
@@ -300,8 +352,7 @@ impl JwksCache {
 
     /// How many verifications were answered from the verified-token cache.
     pub fn verified_hits(&self) -> u64 {
-        self.verified_hits
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.verified.hits()
     }
 
     /// The same cache allowing `leeway` of clock skew on `exp` and `nbf`.
@@ -364,29 +415,7 @@ impl JwksCache {
         let verifier = guard
             .as_ref()
             .ok_or_else(|| AuthnError::KeysUnavailable(Status::unavailable("no keys yet")))?;
-        let now = unix_now();
-        let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
-        let at = tokio::time::Instant::now();
-        let known = self
-            .verified
-            .lock()
-            .ok()
-            .and_then(|mut verified| verified.get_mut(&key, at).cloned());
-        let claims = match known {
-            Some(claims) => {
-                verifier.check_time(&claims, now)?;
-                self.verified_hits
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                claims
-            }
-            None => {
-                let claims = verifier.verify(token, now)?;
-                if let Ok(mut verified) = self.verified.lock() {
-                    verified.get_or_insert_with(key, at, || claims.clone());
-                }
-                claims
-            }
-        };
+        let claims = self.verified.verify(verifier, token, unix_now())?;
         if claims
             .sid
             .as_deref()
