@@ -15,28 +15,16 @@ use std::{
 use tokio::sync::Notify;
 use tokio_stream::StreamExt as _;
 
-use super::{BenchError, fixtures::setup, measure::Latencies};
-
-/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 on Linux).
-const TICKS_PER_SECOND: f64 = 100.0;
+use super::{
+    BenchError,
+    fixtures::setup,
+    measure::{Latencies, TICKS_PER_SECOND, proc_stat},
+};
 
 /// CPU time (user + system) process `pid` has used so far, in seconds; 0 when unreadable.
 pub(super) fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // After the parenthesised name: state, ppid, …; utime and stime are the 12th and 13th.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (ticks(11) + ticks(12)) as f64 / TICKS_PER_SECOND
+    proc_stat(std::path::Path::new(&format!("/proc/{pid}/stat"))).map_or(0, |s| s.cpu_ticks) as f64
+        / TICKS_PER_SECOND
 }
 
 /// Write system calls process `pid` has made so far (`syscw` of `/proc/<pid>/io`); 0 when

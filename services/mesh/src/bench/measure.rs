@@ -206,6 +206,25 @@ mod tests {
 
     use super::*;
 
+    /// A stat line is read after the name, whatever the name holds; the bench's own process
+    /// is read as the kernel sees it.
+    #[test]
+    fn proc_stat_reads_parent_and_cpu_time() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("stat");
+        std::fs::write(
+            &path,
+            "42 (a (b) c) S 7 42 42 0 -1 0 0 0 0 0 150 25 3 4 20 0\n",
+        )
+        .expect("write");
+        let stat = proc_stat(&path).expect("parsed");
+        assert_eq!((stat.parent, stat.cpu_ticks), (7, 175));
+        std::fs::write(&path, "42 (short) S 7").expect("write");
+        assert!(proc_stat(&path).is_none(), "a cut-off line");
+        let own = proc_stat(std::path::Path::new("/proc/self/stat")).expect("own stat");
+        assert_eq!(own.parent, std::os::unix::process::parent_id());
+    }
+
     /// Two histograms merged hold every sample of both, and percentiles fall on the samples.
     #[test]
     fn merge_and_percentiles() {
@@ -279,4 +298,30 @@ mod tests {
         assert!((m.per_second - m.calls as f64 / m.elapsed_s).abs() < 1e-9);
         assert!(m.latency_ms.p50 >= 5.0);
     }
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 on Linux).
+pub(super) const TICKS_PER_SECOND: f64 = 100.0;
+
+/// What the bench reads from a process's `/proc/<pid>/stat`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ProcStat {
+    /// The parent's pid.
+    pub(super) parent: u32,
+    /// CPU time used so far, user + system, in clock ticks.
+    pub(super) cpu_ticks: u64,
+}
+
+/// The `/proc/<pid>/stat` file at `path`; `None` when unreadable (the process is gone).
+pub(super) fn proc_stat(path: &std::path::Path) -> Option<ProcStat> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // After the parenthesised name (which may hold spaces): state, ppid, …; utime and stime
+    // are the 12th and 13th.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let number = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some(ProcStat {
+        parent: u32::try_from(number(1)?).ok()?,
+        cpu_ticks: number(11)? + number(12)?,
+    })
 }

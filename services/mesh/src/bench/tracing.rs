@@ -33,7 +33,7 @@ use tonic::{Request, Response, Status};
 use super::{
     BenchError, Outcome, Settings, channels,
     fixtures::{bearer, setup, start_server, stop},
-    measure::{Measurement, drive},
+    measure::{Measurement, TICKS_PER_SECOND, drive, proc_stat},
     report::Figure,
 };
 
@@ -107,30 +107,14 @@ fn children_cpu_ticks(parent: u32) -> u64 {
         if entry.file_name().to_string_lossy().parse::<u32>().is_err() {
             continue;
         }
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // After the parenthesised name: state, ppid, …; utime and stime are the 12th and 13th.
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.get(1).and_then(|p| p.parse::<u32>().ok()) != Some(parent) {
-            continue;
+        if let Some(stat) = proc_stat(&entry.path().join("stat"))
+            && stat.parent == parent
+        {
+            total += stat.cpu_ticks;
         }
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        total += ticks(11) + ticks(12);
     }
     total
 }
-
-/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 on Linux).
-const TICKS_PER_SECOND: f64 = 100.0;
 
 /// One run of one mode.
 #[derive(Debug)]
