@@ -145,16 +145,41 @@ fn get_me_tls() {
     assert!(figure(&value, "new mutual-TLS connections per second") > 0.0);
 }
 
-/// `get-me-delay`: the delayed GetMe takes at least the delay.
+/// `get-me-delay`: the delayed GetMe and the echo through the same relay take at least the
+/// delay; the figure of what GetMe adds is read from them.
 #[test]
 fn get_me_delay() {
     let value = run("get-me-delay", &["--delay", "30ms"]);
-    let delayed = &value["measurements"][2];
-    assert!(delayed["calls"].as_u64() > Some(0), "{value}");
-    assert!(
-        delayed["latency_ms"]["p50"].as_f64() >= Some(30.0),
+    assert_eq!(
+        names(&value)[1..],
+        [
+            "GetMe, downstreams on loopback",
+            "GetMe, both downstreams 30 ms away",
+            "echo, 64 B, 30 ms away (the relay alone)",
+        ],
         "{value}"
     );
+    for m in &value["measurements"].as_array().expect("list")[1..] {
+        assert!(m["calls"].as_u64() > Some(0), "{m}");
+        assert_eq!(m["errors"], 0, "{m}");
+    }
+    for delayed in [&value["measurements"][2], &value["measurements"][3]] {
+        assert!(
+            delayed["latency_ms"]["p50"].as_f64() >= Some(30.0),
+            "{value}"
+        );
+    }
+    let added = figure(
+        &value,
+        "delayed GetMe p50 − echo through the relay p50 (the hop and both reads)",
+    );
+    let expected = value["measurements"][2]["latency_ms"]["p50"]
+        .as_f64()
+        .expect("p50")
+        - value["measurements"][3]["latency_ms"]["p50"]
+            .as_f64()
+            .expect("p50");
+    assert!((added - expected).abs() < 1e-6, "{value}");
 }
 
 /// `get-profiles`: every call streams all the ids asked for.

@@ -394,6 +394,19 @@ pub(super) async fn get_me_delay(settings: &Settings) -> Result<Outcome, BenchEr
     .await?;
     stop(far).await;
     mesh.stop().await;
+    // The relay's own cost, in the same run: a bare echo through a relay of the same delay.
+    let echo = super::echo::start().await?;
+    let echo_far = latency_relay(echo.addr, delay).await?;
+    let relayed_echo = super::echo::drive_echo(
+        settings,
+        echo_far,
+        format!(
+            "echo, {} B, {delay_ms} ms away (the relay alone)",
+            settings.payload
+        ),
+    )
+    .await?;
+    stop(echo).await;
     // The two calls overlap, and the hop itself costs at most a millisecond.
     let goal = delay_ms + 1.0;
     let figures = vec![
@@ -408,14 +421,28 @@ pub(super) async fn get_me_delay(settings: &Settings) -> Result<Outcome, BenchEr
             delayed.latency_ms.p50 / delay_ms.max(0.001),
             "ratio",
         ),
+        Figure::new(
+            "echo through the same relay, p50",
+            relayed_echo.latency_ms.p50,
+            "ms",
+        ),
+        Figure::at_most(
+            "delayed GetMe p50 − echo through the relay p50 (the hop and both reads)",
+            delayed.latency_ms.p50 - relayed_echo.latency_ms.p50,
+            "ms",
+            1.0,
+        ),
     ];
     Ok(Outcome {
-        measurements: vec![near, delayed],
+        measurements: vec![near, delayed, relayed_echo],
         figures,
         notes: vec![
             "The relay delays the request direction only, so one downstream call takes the \
              delay once; the aggregator's two reads run concurrently, so GetMe should too. Its \
              JWKS fetch also goes through the relay, once, in the warm-up."
+                .into(),
+            "The relay's own cost is measured in the same run: echo calls through a relay of \
+             the same delay, from the same callers. Its timers tick in whole milliseconds."
                 .into(),
         ],
     })

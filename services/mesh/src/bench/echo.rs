@@ -115,7 +115,23 @@ pub(super) async fn start() -> Result<TestServer, BenchError> {
 /// callers over the same number of connections as the scenario's own calls.
 pub(super) async fn baseline(settings: &Settings) -> Result<Measurement, BenchError> {
     let server = start().await?;
-    let channels = Arc::new(super::channels(server.addr, settings.connections).await?);
+    let measured = drive_echo(
+        settings,
+        server.addr,
+        format!("echo, {} B (baseline)", settings.payload),
+    )
+    .await;
+    stop(server).await;
+    measured
+}
+
+/// `Echo` calls as in [`baseline`], to the echo server (or a relay in front of one) at `addr`.
+pub(super) async fn drive_echo(
+    settings: &Settings,
+    addr: SocketAddr,
+    name: String,
+) -> Result<Measurement, BenchError> {
+    let channels = Arc::new(super::channels(addr, settings.connections).await?);
     let payload = bytes::Bytes::from(vec![0x5a; settings.payload]);
     let call = move |worker: usize| {
         let mut client = EchoServiceClient::new(channels[worker % channels.len()].clone());
@@ -131,8 +147,7 @@ pub(super) async fn baseline(settings: &Settings) -> Result<Measurement, BenchEr
         call,
     )
     .await;
-    stop(server).await;
-    Ok(driven.measurement(format!("echo, {} B (baseline)", settings.payload)))
+    Ok(driven.measurement(name))
 }
 
 /// What the bare broadcast measured: the baseline of `watch`.
