@@ -277,6 +277,13 @@ fn tracing() {
     let tenth = figure(&value, "spans exported per GetMe, 10 %");
     assert!((4.5..8.0).contains(&all), "{value}");
     assert!(tenth < all / 2.0, "{value}");
+    // Each service's idle memory was read, in both modes.
+    for service in ["auth", "users", "aggregator"] {
+        for mode in ["tracing off", "exporting"] {
+            let rss = figure(&value, &format!("{service} idle RSS, {mode}"));
+            assert!((1.0..1024.0).contains(&rss), "{service} {mode}: {rss} MiB");
+        }
+    }
 }
 
 /// `overload`: at 5× the limit most calls are shed, and nothing fails with another code.

@@ -312,6 +312,68 @@ pub(super) struct ProcStat {
     pub(super) cpu_ticks: u64,
 }
 
+/// A process's memory as `/proc` tells it, in KiB.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Memory {
+    /// Resident set (`VmRSS`): private and shared pages.
+    pub(super) rss: u64,
+    /// Private resident pages (`RssAnon`): the heap, stacks.
+    pub(super) anon: u64,
+    /// File-backed resident pages (`RssFile`): mostly the binary's code, shared by every
+    /// process of the same binary.
+    pub(super) file: u64,
+    /// Proportional set size (`Pss` of `smaps_rollup`): shared pages split among the
+    /// processes that map them.
+    pub(super) pss: u64,
+}
+
+/// Process `pid`'s [`Memory`]; zeros where unreadable.
+pub(super) fn memory(pid: u32) -> Memory {
+    let pss = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|rollup| {
+            rollup.lines().find_map(|line| {
+                let rest = line.strip_prefix("Pss:")?;
+                rest.split_whitespace().next()?.parse().ok()
+            })
+        })
+        .unwrap_or(0);
+    Memory {
+        rss: mesh_testkit::proc_status_kib(pid, "VmRSS"),
+        anon: mesh_testkit::proc_status_kib(pid, "RssAnon"),
+        file: mesh_testkit::proc_status_kib(pid, "RssFile"),
+        pss,
+    }
+}
+
+/// The children of process `parent`, each with its first argument (a `mesh up`'s children:
+/// `auth`, `users`, `aggregator`).
+pub(super) fn children(parent: u32) -> Vec<(u32, String)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if proc_stat(&entry.path().join("stat")).is_some_and(|s| s.parent == parent) {
+            let name = std::fs::read(entry.path().join("cmdline"))
+                .ok()
+                .and_then(|cmdline| {
+                    cmdline
+                        .split(|b| *b == 0)
+                        .nth(1)
+                        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                })
+                .unwrap_or_default();
+            found.push((pid, name));
+        }
+    }
+    found.sort_by(|a, b| a.1.cmp(&b.1));
+    found
+}
+
 /// The `/proc/<pid>/stat` file at `path`; `None` when unreadable (the process is gone).
 pub(super) fn proc_stat(path: &std::path::Path) -> Option<ProcStat> {
     let stat = std::fs::read_to_string(path).ok()?;

@@ -33,7 +33,7 @@ use tonic::{Request, Response, Status};
 use super::{
     BenchError, Outcome, Settings, channels,
     fixtures::{bearer, setup, start_server, stop},
-    measure::{Measurement, TICKS_PER_SECOND, drive, proc_stat},
+    measure::{Measurement, Memory, TICKS_PER_SECOND, children, drive, memory, proc_stat},
     report::Figure,
 };
 
@@ -124,6 +124,8 @@ struct Run {
     spans_per_call: f64,
     /// CPU time the three services spent per measured GetMe.
     cpu_us_per_call: f64,
+    /// Each service's memory once it served, before the first call: by name.
+    idle: Vec<(String, Memory)>,
 }
 
 /// One `mesh up` with `env`, driven with GetMe.
@@ -165,6 +167,12 @@ async fn measure(
     let mesh_pid = child.id().unwrap_or(0);
     let measured = async {
         super::aggregator::wait_serving(agg, Duration::from_secs(60)).await?;
+        // Idle: serving, no call yet (the aggregator's relay has subscribed to users).
+        tokio::time::sleep(IDLE_SETTLE).await;
+        let idle: Vec<(String, Memory)> = children(mesh_pid)
+            .into_iter()
+            .map(|(pid, name)| (name, memory(pid)))
+            .collect();
         let channels = Arc::new(channels(agg, settings.connections).await?);
         let token = AggregatorServiceClient::new(channels[0].clone())
             .sign_up(SignUpRequest {
@@ -201,7 +209,7 @@ async fn measure(
         )
         .await;
         let cpu = children_cpu_ticks(mesh_pid).saturating_sub(cpu_before);
-        Ok::<_, BenchError>((driven, warm.latencies.len(), cpu))
+        Ok::<_, BenchError>((driven, warm.latencies.len(), cpu, idle))
     }
     .await;
     // SIGTERM: the services drain and flush what they queued.
@@ -214,7 +222,7 @@ async fn measure(
     let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
     let _ = child.kill().await;
     let _ = std::fs::remove_dir_all(&data);
-    let (driven, warm_calls, cpu_ticks) = measured?;
+    let (driven, warm_calls, cpu_ticks, idle) = measured?;
     let exported = spans.load(Ordering::Relaxed) - before;
     let calls = (driven.latencies.len() + warm_calls).max(1);
     Ok(Run {
@@ -222,8 +230,12 @@ async fn measure(
         cpu_us_per_call: cpu_ticks as f64 / TICKS_PER_SECOND * 1e6
             / driven.latencies.len().max(1) as f64,
         measurement: driven.measurement(name),
+        idle,
     })
 }
+
+/// How long a fresh `mesh up` is left alone before its idle memory is read.
+const IDLE_SETTLE: Duration = Duration::from_secs(2);
 
 /// Rounds of the three runs; each mode is reported by its median round.
 const ROUNDS: usize = 3;
@@ -300,6 +312,55 @@ pub(super) async fn tracing(settings: &Settings) -> Result<Outcome, BenchError> 
             format!("{name}: {}", each.join(", "))
         })
         .collect();
+    // Idle memory of each service, tracing off and exporting every trace (each mode's first
+    // run).
+    let idle_of = |mode: usize| {
+        runs[mode]
+            .first()
+            .map(|r| r.idle.clone())
+            .unwrap_or_default()
+    };
+    let (idle_off, idle_on) = (idle_of(0), idle_of(1));
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let mut idle_figures = Vec::new();
+    for (service, m) in &idle_off {
+        idle_figures.push(Figure::at_most(
+            format!("{service} idle RSS, tracing off"),
+            mib(m.rss),
+            "MiB",
+            8.0,
+        ));
+    }
+    for (service, m) in &idle_on {
+        idle_figures.push(Figure::new(
+            format!("{service} idle RSS, exporting"),
+            mib(m.rss),
+            "MiB",
+        ));
+    }
+    let idle_note = |label: &str, idle: &[(String, Memory)]| {
+        let each: Vec<String> = idle
+            .iter()
+            .map(|(service, m)| {
+                format!(
+                    "{service} {:.1} MiB ({:.1} private, {:.1} file-backed; PSS {:.1})",
+                    mib(m.rss),
+                    mib(m.anon),
+                    mib(m.file),
+                    mib(m.pss)
+                )
+            })
+            .collect();
+        format!("Idle memory, {label}: {}.", each.join(", "))
+    };
+    let idle_notes = vec![
+        idle_note("tracing off", &idle_off),
+        idle_note("exporting every trace", &idle_on),
+        "Idle is read 2 s after the aggregator serves, before the first call. The \
+         file-backed pages are the one `mesh` binary's, mapped by all three services: PSS \
+         splits them among the processes that share them."
+            .into(),
+    ];
     let cpu = runs
         .each_ref()
         .map(|list| median(list.iter().map(|r| r.cpu_us_per_call).collect()));
@@ -351,6 +412,7 @@ pub(super) async fn tracing(settings: &Settings) -> Result<Outcome, BenchError> 
             "spans",
         ),
     ];
+    let figures = figures.into_iter().chain(idle_figures).collect();
     Ok(Outcome {
         measurements: vec![off.measurement, all.measurement, tenth.measurement],
         figures,
@@ -368,6 +430,9 @@ pub(super) async fn tracing(settings: &Settings) -> Result<Outcome, BenchError> 
                 "Spans received in the first 100 % run, by service: {}.",
                 by_service.join(", ")
             ),
-        ],
+        ]
+        .into_iter()
+        .chain(idle_notes)
+        .collect(),
     })
 }
