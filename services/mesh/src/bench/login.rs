@@ -3,7 +3,7 @@
 //! machine on every core (the ceiling for logins), the latency of health checks during the
 //! login storm against idle, and the throughput of `ValidateToken`.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use mesh_proto::auth::v1::{
     LoginRequest, RegisterRequest, ValidateTokenRequest, auth_service_client::AuthServiceClient,
@@ -59,11 +59,12 @@ pub(super) async fn login(settings: &Settings) -> Result<Outcome, BenchError> {
             .ok_or_else(|| setup("no tokens"))?;
     }
 
-    // 3. Health latency while idle, on a connection of its own.
+    // 3. Health latency while idle, on a connection of its own, for as long as the storm is
+    // probed: as many probes on each side, so neither p99 is one slow probe of a hundred.
     let health_channel = channels_one(auth.addr).await?;
     let (stop, stopped) = oneshot::channel();
     let idle_probe = tokio::spawn(probe_health(health_channel.clone(), stopped));
-    tokio::time::sleep(Duration::from_secs(2).min(settings.duration)).await;
+    tokio::time::sleep(settings.warmup + settings.duration).await;
     let _ = stop.send(());
     let (idle, idle_for) = idle_probe.await.map_err(setup)?;
 
