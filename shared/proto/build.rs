@@ -39,6 +39,12 @@ impl prost_build::ServiceGenerator for SharedResponses {
         let name = format!("{}.{}", service.package, service.proto_name);
         for method in &mut service.methods {
             if SHARED_RESPONSES.contains(&(name.as_str(), method.proto_name.as_str())) {
+                // A message of the service's own package: its Rust name is a plain identifier.
+                assert!(
+                    !method.output_type.contains(':'),
+                    "{name}.{}: a shared response must be a message of the same package",
+                    method.proto_name
+                );
                 method.output_type =
                     format!("crate::codec::Encoded<super::{}>", method.output_type);
             }

@@ -159,13 +159,12 @@ pub(crate) struct WatchLimits {
     pub(crate) replay_idle: Duration,
 }
 
-/// One event in the ring, encoded.
+/// One event in the ring, encoded (decoded again only to erase it).
 #[derive(Debug)]
 struct Entry {
     sequence: i64,
     user_id: String,
     deleted_event: bool,
-    event: ProfileEvent,
     encoded: Encoded<ProfileEvent>,
     /// The event without display name and bio: for every reader once the profile is deleted,
     /// and, for its DELETED event, for readers that replay it.
@@ -181,6 +180,12 @@ impl Entry {
             _ => &self.encoded,
         }
     }
+}
+
+/// `encoded` without display name and bio, encoded.
+fn erase_encoded(encoded: &Encoded<ProfileEvent>) -> Encoded<ProfileEvent> {
+    // The ring's own encoding: it decodes.
+    Encoded::new(&erase(&encoded.to_message().unwrap_or_default()))
 }
 
 fn erase(event: &ProfileEvent) -> ProfileEvent {
@@ -210,7 +215,7 @@ impl Ring {
         if deleted_event {
             // No replay shows a deleted profile's name or bio again.
             for entry in self.entries.iter().filter(|e| e.user_id == user_id) {
-                let _ = entry.erased.set(Encoded::new(&erase(&entry.event)));
+                let _ = entry.erased.set(erase_encoded(&entry.encoded));
             }
         }
         let entry = Entry {
@@ -219,10 +224,9 @@ impl Ring {
             deleted_event,
             erased: OnceLock::new(),
             encoded: Encoded::new(&event),
-            event,
         };
         if deleted_event {
-            let _ = entry.erased.set(Encoded::new(&erase(&entry.event)));
+            let _ = entry.erased.set(Encoded::new(&erase(&event)));
         }
         self.entries.push_back(Arc::new(entry));
         while self.entries.len() > capacity.max(1) {
@@ -234,8 +238,8 @@ impl Ring {
 
     /// The first event after `position` and its sequence, as a reader that replays through
     /// `replay_until` sees it (`Some(None)`: nothing after it yet); `None` when `position` is
-    /// older than the ring. Nothing is allocated or encoded: a live subscriber takes each
-    /// event this way, sharing its bytes.
+    /// older than the ring. Nothing is encoded and nothing copied: a live subscriber takes
+    /// each event this way, sharing its bytes.
     fn next_after(
         &self,
         position: i64,

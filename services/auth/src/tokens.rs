@@ -165,11 +165,18 @@ mod tests {
             issuer.verify(&token, now + 3600),
             Err(TokenError::Expired)
         ));
-        let mut forged = token.clone();
-        forged.pop();
-        forged.push(if token.ends_with('A') { 'B' } else { 'A' });
+        // The same header and claims under a signature changed in its middle: well-formed,
+        // a known key, the wrong signature — refused every time, never cached.
+        let signature_start = token.rfind('.').expect("three parts") + 1;
+        let middle = signature_start + (token.len() - signature_start) / 2;
+        let mut forged = token.clone().into_bytes();
+        forged[middle] = if forged[middle] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).expect("ASCII");
         for _ in 0..2 {
-            assert!(issuer.verify(&forged, now).is_err());
+            assert!(matches!(
+                issuer.verify(&forged, now),
+                Err(TokenError::Signature)
+            ));
         }
         assert_eq!(issuer.verified_hits(), 3);
         // Another ring's token with the same claims is not this ring's.

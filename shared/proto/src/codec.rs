@@ -3,8 +3,9 @@
 //!
 //! Each call holds one encode and one decode buffer for as long as it lasts; for a unary call
 //! that is a moment, but a long-lived stream (WatchProfiles, WatchUsers) keeps them for hours,
-//! and an 8 KiB encode buffer is most of what an idle stream costs. A WatchProfiles event is
-//! 132 bytes framed: a 160-byte encode buffer (one of jemalloc's size classes) holds one, and
+//! and an 8 KiB encode buffer is most of what an idle stream costs. A WatchProfiles event with
+//! a short name and bio (the bench's) is 132 bytes framed: a 160-byte encode buffer (one of
+//! jemalloc's size classes) holds one, and
 //! once the event has been written out its room is used again for the next. Starting at
 //! 160 B instead of 256 B took about 95 B off each subscriber (4,190 → 4,096 B at 10,000,
 //! 4,152 → 4,051 B at 100,000; `mesh bench watch`). Buffers still grow to fit a larger
@@ -19,7 +20,7 @@
 
 use std::{fmt, marker::PhantomData};
 
-use prost::bytes::{BufMut, Bytes, BytesMut};
+use prost::bytes::{BufMut, Bytes};
 
 use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
@@ -132,23 +133,21 @@ impl<M: prost::Message + Default> prost::Message for Encoded<M> {
         buf.put_slice(&self.bytes);
     }
 
-    /// Merges as protobuf defines it for messages, by appending: the field is read as `M`
-    /// reads it and its encoding follows the bytes already here. (The mesh only sends
-    /// `Encoded`; this keeps it a whole `Message`.)
+    /// Refused: an `Encoded` is only sent, never decoded (a server answers with it; its
+    /// clients decode `M`). Decoding one field at a time would lose fields set back to their
+    /// default and cost a copy of everything so far per field.
     fn merge_field(
         &mut self,
-        tag: u32,
-        wire_type: prost::encoding::WireType,
-        buf: &mut impl prost::bytes::Buf,
-        ctx: prost::encoding::DecodeContext,
+        _tag: u32,
+        _wire_type: prost::encoding::WireType,
+        _buf: &mut impl prost::bytes::Buf,
+        _ctx: prost::encoding::DecodeContext,
     ) -> Result<(), prost::DecodeError> {
-        let mut field = M::default();
-        field.merge_field(tag, wire_type, buf, ctx)?;
-        let mut bytes = BytesMut::with_capacity(self.bytes.len() + field.encoded_len());
-        bytes.put_slice(&self.bytes);
-        field.encode_raw(&mut bytes);
-        self.bytes = bytes.freeze();
-        Ok(())
+        // prost has no other public way to make a `DecodeError` with a message of one's own.
+        #[allow(deprecated)]
+        Err(prost::DecodeError::new(
+            "an Encoded message is only sent: decode the message type itself",
+        ))
     }
 
     fn encoded_len(&self) -> usize {
@@ -177,12 +176,13 @@ mod tests {
         assert_eq!(encoded.encode_to_vec(), message.encode_to_vec());
         assert_eq!(encoded.encoded_len(), message.encoded_len());
         assert_eq!(encoded.to_message().expect("decodes"), message);
-        // Decoded as an `Encoded`, field by field: the same message.
-        let again = <Encoded<prost_types::Timestamp> as prost::Message>::decode(
-            &message.encode_to_vec()[..],
-        )
-        .expect("decodes");
-        assert_eq!(again.to_message().expect("decodes"), message);
+        // It is only sent: decoding bytes as an `Encoded` is refused.
+        assert!(
+            <Encoded<prost_types::Timestamp> as prost::Message>::decode(
+                &message.encode_to_vec()[..]
+            )
+            .is_err()
+        );
         // Clones share the bytes.
         assert_eq!(encoded.clone().bytes().as_ptr(), encoded.bytes().as_ptr());
     }
