@@ -155,7 +155,7 @@ fn get_me_delay() {
         [
             "GetMe, downstreams on loopback",
             "GetMe, both downstreams 30 ms away",
-            "echo, 64 B, 30 ms away (the relay alone)",
+            "two echoes at once, 64 B, each 30 ms away (the relays alone)",
         ],
         "{value}"
     );
@@ -171,7 +171,7 @@ fn get_me_delay() {
     }
     let added = figure(
         &value,
-        "delayed GetMe p50 − echo through the relay p50 (the hop and both reads)",
+        "delayed GetMe p50 − two relayed echoes p50 (the hop and both reads)",
     );
     let expected = value["measurements"][2]["latency_ms"]["p50"]
         .as_f64()
@@ -284,6 +284,38 @@ fn tracing() {
             assert!((1.0..1024.0).contains(&rss), "{service} {mode}: {rss} MiB");
         }
     }
+}
+
+/// `replicas`: two users replicas on one PostgreSQL (a fresh database); every timed change
+/// reached the subscribers of both. PostgreSQL only: skipped, loudly, outside CI without one.
+#[test]
+fn replicas() {
+    let Some(admin) = mesh_testkit::databases()
+        .into_iter()
+        .find_map(|database| match database {
+            mesh_testkit::Database::Postgres(url) => Some(url),
+            mesh_testkit::Database::Sqlite => None,
+        })
+    else {
+        return;
+    };
+    let url = tokio::runtime::Runtime::new().expect("runtime").block_on(
+        mesh_store::testing::fresh_database(&admin, "bench", "replicas"),
+    );
+    let value = run("replicas", &["--database-url", &url]);
+    assert_eq!(
+        names(&value)[1..],
+        [
+            "UpdateUser sent → event on the same replica's WatchUsers",
+            "UpdateUser sent → event on the other replica's WatchUsers",
+        ],
+        "{value}"
+    );
+    for m in &value["measurements"].as_array().expect("list")[1..] {
+        assert!(m["calls"].as_u64() > Some(200), "{m}");
+        assert_eq!(m["errors"], 0, "{m}");
+    }
+    assert!(figure(&value, "other replica: UpdateUser sent → event, p99") > 0.0);
 }
 
 /// `overload`: at 5× the limit most calls are shed, and nothing fails with another code.

@@ -392,21 +392,25 @@ pub(super) async fn get_me_delay(settings: &Settings) -> Result<Outcome, BenchEr
         None,
     )
     .await?;
-    stop(far).await;
-    mesh.stop().await;
-    // The relay's own cost, in the same run: a bare echo through a relay of the same delay.
+    // The relays' own cost, in the same run and with the mesh still up: two echoes at once,
+    // each through a relay of the same delay, as GetMe's two reads are.
     let echo = super::echo::start().await?;
-    let echo_far = latency_relay(echo.addr, delay).await?;
-    let relayed_echo = super::echo::drive_echo(
+    let echoes_far = [
+        latency_relay(echo.addr, delay).await?,
+        latency_relay(echo.addr, delay).await?,
+    ];
+    let relayed_echo = super::echo::drive_echoes(
         settings,
-        echo_far,
+        &echoes_far,
         format!(
-            "echo, {} B, {delay_ms} ms away (the relay alone)",
+            "two echoes at once, {} B, each {delay_ms} ms away (the relays alone)",
             settings.payload
         ),
     )
     .await?;
     stop(echo).await;
+    stop(far).await;
+    mesh.stop().await;
     // The two calls overlap, and the hop itself costs at most a millisecond.
     let goal = delay_ms + 1.0;
     let figures = vec![
@@ -422,12 +426,12 @@ pub(super) async fn get_me_delay(settings: &Settings) -> Result<Outcome, BenchEr
             "ratio",
         ),
         Figure::new(
-            "echo through the same relay, p50",
+            "two echoes through such relays, p50",
             relayed_echo.latency_ms.p50,
             "ms",
         ),
         Figure::at_most(
-            "delayed GetMe p50 − echo through the relay p50 (the hop and both reads)",
+            "delayed GetMe p50 − two relayed echoes p50 (the hop and both reads)",
             delayed.latency_ms.p50 - relayed_echo.latency_ms.p50,
             "ms",
             1.0,
@@ -441,8 +445,10 @@ pub(super) async fn get_me_delay(settings: &Settings) -> Result<Outcome, BenchEr
              delay once; the aggregator's two reads run concurrently, so GetMe should too. Its \
              JWKS fetch also goes through the relay, once, in the warm-up."
                 .into(),
-            "The relay's own cost is measured in the same run: echo calls through a relay of \
-             the same delay, from the same callers. Its timers tick in whole milliseconds."
+            "The relays' own cost is measured in the same run, with the mesh still up: calls \
+             of two echoes at once, each through a relay of the same delay (as GetMe's two \
+             reads go through two), from the same callers. The relays' timers tick in whole \
+             milliseconds."
                 .into(),
         ],
     })

@@ -131,14 +131,39 @@ pub(super) async fn drive_echo(
     addr: SocketAddr,
     name: String,
 ) -> Result<Measurement, BenchError> {
-    let channels = Arc::new(super::channels(addr, settings.connections).await?);
+    drive_echoes(settings, &[addr], name).await
+}
+
+/// Calls of one `Echo` to each of `addrs` at once, as in [`baseline`]: each call ends when the
+/// last of its echoes has.
+pub(super) async fn drive_echoes(
+    settings: &Settings,
+    addrs: &[SocketAddr],
+    name: String,
+) -> Result<Measurement, BenchError> {
+    let mut each = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        each.push(super::channels(*addr, settings.connections).await?);
+    }
+    let each = Arc::new(each);
     let payload = bytes::Bytes::from(vec![0x5a; settings.payload]);
     let call = move |worker: usize| {
-        let mut client = EchoServiceClient::new(channels[worker % channels.len()].clone());
-        let request = EchoRequest {
-            payload: payload.to_vec(),
-        };
-        async move { client.echo(request).await.is_ok() }
+        let echoes: Vec<_> = each
+            .iter()
+            .map(|channels| {
+                let mut client = EchoServiceClient::new(channels[worker % channels.len()].clone());
+                let request = EchoRequest {
+                    payload: payload.to_vec(),
+                };
+                async move { client.echo(request).await.is_ok() }
+            })
+            .collect();
+        async move {
+            futures_util::future::join_all(echoes)
+                .await
+                .into_iter()
+                .all(|ok| ok)
+        }
     };
     let driven = drive(
         settings.concurrency,
