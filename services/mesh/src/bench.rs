@@ -10,7 +10,8 @@
 //! server settings.
 //!
 //! Scenarios: `echo`, `get-user`, `get-me`, `get-me-delay`, `get-profiles`, `watch`, `login`,
-//! `overload`, `tracing`, `users` and `abuse`; `docs/benchmarks.md` shows a run of each.
+//! `overload`, `tracing`, `users`, `replicas` and `abuse`; `docs/benchmarks.md` shows a run of
+//! each.
 
 mod abuse;
 mod aggregator;
@@ -123,6 +124,9 @@ enum Scenario {
     Tracing,
     /// users in depth: GetUser at 1/16/64 callers, BatchGetUsers, UpdateUser, WatchUsers delay.
     Users,
+    /// WatchUsers across two users replicas on one PostgreSQL (needs `--database-url`): a
+    /// change through one, timed to the other's subscriber and to its own.
+    Replicas,
     /// Every attack class of the abuse suite against a real mesh, for `--duration` each, while
     /// a well-behaved client calls Login and GetMe: its success rate and p99 against no attack,
     /// and each process's peak RSS.
@@ -145,6 +149,7 @@ impl Scenario {
             Self::Overload => "overload",
             Self::Tracing => "tracing",
             Self::Users => "users",
+            Self::Replicas => "replicas",
             Self::Abuse => "abuse",
             Self::EchoServer => "echo-server",
         }
@@ -369,6 +374,7 @@ async fn run(args: BenchArgs) -> Result<(), BenchError> {
         Scenario::Overload => overload::overload(&settings).await,
         Scenario::Tracing => tracing::tracing(&settings).await,
         Scenario::Users => users::users(&settings).await,
+        Scenario::Replicas => users::replicas(&settings).await,
         Scenario::Abuse => abuse::abuse(&settings).await,
         Scenario::EchoServer => Ok(Outcome::default()),
     };

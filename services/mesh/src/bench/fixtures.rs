@@ -85,7 +85,7 @@ pub(super) async fn start_auth(
 /// Users' configuration in a benchmark: state under `data`, auth at `auth`, on
 /// `database_url` (unset: SQLite), its write bounds lifted, the bench's server settings;
 /// mutual TLS in a TLS run.
-fn users_config(
+pub(super) fn users_config(
     data: &Path,
     auth: SocketAddr,
     database_url: Option<String>,

@@ -4,7 +4,10 @@
 //! - `get-user`: GetUser by id, spread over the population, from `--concurrency` callers;
 //! - `users`: GetUser at 1, 16 and 64 callers, BatchGetUsers of 100 ids, and one WatchUsers
 //!   subscriber under write load: the events it sees against the writes committed, and how long
-//!   an event takes to reach it (from its `occur_time`).
+//!   an event takes to reach it (from its `occur_time`);
+//! - `replicas`: two users replicas on one PostgreSQL (`--database-url`); one profile changed
+//!   through the first, one change at a time, each timed from `UpdateUser` sent to its event on
+//!   a WatchUsers subscriber of each replica: the other replica's against the same one's.
 
 use std::{
     sync::{
@@ -24,7 +27,10 @@ use tokio_stream::StreamExt as _;
 
 use super::{
     BenchError, Outcome, Settings, channels,
-    fixtures::{Caller, bearer, channels_one, populate, setup, start_mesh, unix_ms_now},
+    fixtures::{
+        Caller, bearer, channels_one, populate, setup, start_mesh, start_server, unix_ms_now,
+        users_config,
+    },
     measure::{Latencies, Measurement, drive},
     report::Figure,
 };
@@ -261,6 +267,155 @@ pub(super) async fn users(settings: &Settings) -> Result<Outcome, BenchError> {
              is from the event's occur_time (taken before the write waits for the sequence \
              row) to receipt, at millisecond resolution.",
             settings.database_name()
+        )],
+    })
+}
+
+/// Changes `replicas` times.
+const REPLICA_CHANGES: usize = 300;
+/// The longest a change may take to reach a subscriber before the run fails.
+const REPLICA_WAIT: Duration = Duration::from_secs(10);
+
+/// The next event of `stream` whose profile's bio is `bio`: when it arrived.
+async fn arrival(
+    stream: &mut tonic::Streaming<mesh_proto::users::v1::UserEvent>,
+    bio: &str,
+) -> Result<std::time::Instant, BenchError> {
+    tokio::time::timeout(REPLICA_WAIT, async {
+        loop {
+            match stream.next().await {
+                Some(Ok(event)) if event.user.as_ref().is_some_and(|u| u.bio == bio) => {
+                    return Ok(std::time::Instant::now());
+                }
+                Some(Ok(_)) => {}
+                Some(Err(status)) => return Err(setup(format!("watch: {status}"))),
+                None => return Err(setup("watch ended")),
+            }
+        }
+    })
+    .await
+    .map_err(|_| setup(format!("a change took over {REPLICA_WAIT:?} to arrive")))?
+}
+
+/// `replicas`: WatchUsers across two users replicas sharing one PostgreSQL.
+pub(super) async fn replicas(settings: &Settings) -> Result<Outcome, BenchError> {
+    let Some(url) = settings.database_url.clone() else {
+        return Err(setup(
+            "replicas needs --database-url postgres://… (the replicas share one PostgreSQL)",
+        ));
+    };
+    let mesh = set_up(settings, "replicas").await?;
+    let second = start_server(mesh_testkit::start_users(users_config(
+        mesh.servers.data.path(),
+        mesh.servers.auth.addr,
+        Some(url),
+        None,
+    )?))
+    .await?;
+    let writer = mesh.population[0].token.clone();
+    let watch = |addr: std::net::SocketAddr| {
+        let token = writer.clone();
+        async move {
+            let channel = channels_one(addr).await?;
+            let stream = UserServiceClient::new(channel)
+                .watch_users(bearer(
+                    &token,
+                    WatchUsersRequest {
+                        after_sequence: None,
+                    },
+                ))
+                .await
+                .map_err(|e| setup(format!("watch: {e}")))?
+                .into_inner();
+            Ok::<_, BenchError>(stream)
+        }
+    };
+    let mut same = watch(mesh.servers.users().addr).await?;
+    let mut other = watch(second.addr).await?;
+    let mut client = UserServiceClient::new(mesh.channels[0].clone());
+    let (mut same_replica, mut other_replica) = (Latencies::default(), Latencies::default());
+    let started = std::time::Instant::now();
+    let mut failed = Ok(());
+    for n in 0..(REPLICA_CHANGES + REPLICA_CHANGES / 10) {
+        let bio = format!("replica change {n}");
+        let request = bearer(
+            &writer,
+            UpdateUserRequest {
+                user: Some(User {
+                    bio: bio.clone(),
+                    ..User::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["bio".into()],
+                }),
+                expected_version: 0,
+            },
+        );
+        let sent = std::time::Instant::now();
+        if let Err(status) = client.update_user(request).await {
+            failed = Err(setup(format!("update: {status}")));
+            break;
+        }
+        let (at_same, at_other) =
+            match tokio::try_join!(arrival(&mut same, &bio), arrival(&mut other, &bio)) {
+                Ok(arrived) => arrived,
+                Err(err) => {
+                    failed = Err(err);
+                    break;
+                }
+            };
+        // The first tenth warms up both feeds and connections.
+        if n >= REPLICA_CHANGES / 10 {
+            same_replica.record(at_same - sent);
+            other_replica.record(at_other - sent);
+        }
+    }
+    let elapsed = started.elapsed();
+    drop((same, other));
+    super::fixtures::stop(second).await;
+    mesh.tear_down().await;
+    failed?;
+    let same = Measurement::new(
+        "UpdateUser sent → event on the same replica's WatchUsers",
+        &same_replica,
+        0,
+        elapsed,
+    );
+    let other = Measurement::new(
+        "UpdateUser sent → event on the other replica's WatchUsers",
+        &other_replica,
+        0,
+        elapsed,
+    );
+    let figures = vec![
+        Figure::at_most(
+            "other replica: UpdateUser sent → event, p99",
+            other.latency_ms.p99,
+            "ms",
+            20.0,
+        ),
+        Figure::new(
+            "same replica: UpdateUser sent → event, p99",
+            same.latency_ms.p99,
+            "ms",
+        ),
+        Figure::new(
+            "other − same replica, p50",
+            other.latency_ms.p50 - same.latency_ms.p50,
+            "ms",
+        ),
+    ];
+    Ok(Outcome {
+        measurements: vec![same, other],
+        figures,
+        notes: vec![format!(
+            "Two users replicas on one PostgreSQL, each with a WatchUsers subscriber on a \
+             connection of its own; {REPLICA_CHANGES} changes to one profile through the first \
+             replica (after {} not timed), one at a time: each is sent once the last has reached \
+             both subscribers. The other replica learns of a commit from PostgreSQL's NOTIFY, \
+             sent in the writing transaction; its poll of the log is the fallback. The calls/s \
+             column is the rate of changes.",
+            REPLICA_CHANGES / 10
         )],
     })
 }
