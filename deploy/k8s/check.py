@@ -197,6 +197,13 @@ def check_common(overlay, docs):
         check(data.get("MESH_HEALTH_LISTEN") == f"0.0.0.0:{PROBE_PORT}", f"{where} probe port")
         check(data.get("MESH_GRACE_PERIOD") == f"{GRACE_SECONDS}s", f"{where} grace period")
         check("OTEL_EXPORTER_OTLP_ENDPOINT" in data, f"{where} no OTLP endpoint")
+        # The SDK's default transport is OTLP/HTTP (port 4318): a gRPC port needs it said.
+        endpoint = data.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+        protocol = data.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        if endpoint.rstrip("/").endswith(":4317"):
+            check(protocol == "grpc", f"{where} OTLP endpoint {endpoint} is gRPC's port but the protocol is {protocol}")
+        elif endpoint.rstrip("/").endswith(":4318"):
+            check(protocol == "http/protobuf", f"{where} OTLP endpoint {endpoint} is HTTP's port but the protocol is {protocol}")
 
     check_tls(where, docs)
     check_labels(where, docs)
@@ -345,7 +352,23 @@ def check_dev(docs):
     postgres = by_name(docs, "StatefulSet", "postgres")
     check(postgres is not None and postgres["spec"].get("volumeClaimTemplates"), "[dev] PostgreSQL with a PVC")
     check(by_name(docs, "Deployment", "otel-collector") is not None, "[dev] no OpenTelemetry Collector")
-    check(by_name(docs, "Deployment", "jaeger") is not None, "[dev] no Jaeger")
+    jaeger = by_name(docs, "Deployment", "jaeger")
+    check(jaeger is not None, "[dev] no Jaeger")
+    if jaeger:
+        image = jaeger["spec"]["template"]["spec"]["containers"][0]["image"]
+        check(image.startswith("jaegertracing/jaeger:2."), f"[dev] Jaeger is {image}, not the v2 image jaegertracing/jaeger:2.x")
+    prometheus = by_name(docs, "Deployment", "prometheus")
+    check(prometheus is not None, "[dev] no Prometheus for the metrics")
+    if prometheus:
+        args = prometheus["spec"]["template"]["spec"]["containers"][0].get("args", [])
+        check("--web.enable-otlp-receiver" in args, "[dev] Prometheus does not accept OTLP (--web.enable-otlp-receiver)")
+    collector = by_name(docs, "ConfigMap", "otel-collector")
+    if collector:
+        config = yaml.safe_load(collector["data"]["config.yaml"])
+        pipelines = config["service"]["pipelines"]
+        check("otlp/jaeger" in pipelines.get("traces", {}).get("exporters", []), "[dev] the collector's traces do not go to Jaeger")
+        check("otlphttp/prometheus" in pipelines.get("metrics", {}).get("exporters", []), "[dev] the collector's metrics do not go to Prometheus")
+        check("logs" in pipelines, "[dev] the collector takes no logs (the services send them)")
     for service in SERVICES:
         deployment = by_name(docs, "Deployment", service)
         check(deployment and deployment["spec"]["replicas"] == 1, f"[dev] {service} is not one replica")
