@@ -1,26 +1,40 @@
 //! Call metadata as any client (or environment) may send it: `traceparent`/`tracestate`,
-//! `x-request-id`, and the OTEL_* variables. Parsing must answer, never panic; what is accepted
-//! prints back the same.
+//! `baggage`, `x-request-id`, and the OTEL_* variables. Parsing must answer, never panic; a
+//! trace context that is accepted is passed on unchanged.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mesh_telemetry::{ExportConfig, RequestId, TraceContext};
+use mesh_telemetry::{RequestId, Signals, pipeline};
+use opentelemetry::{baggage::BaggageExt as _, trace::TraceContextExt as _};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
-    let (parent, state) = text.split_once('\n').unwrap_or((&text, ""));
-    if let Some(ctx) = TraceContext::parse(parent, Some(state)) {
-        let again = TraceContext::parse(&ctx.traceparent(), ctx.trace_state.as_deref());
-        assert_eq!(again.as_ref(), Some(&ctx));
+    let mut lines = text.split('\n');
+    let mut headers = http::HeaderMap::new();
+    for name in ["traceparent", "tracestate", "baggage"] {
+        if let Some(Ok(value)) = lines.next().map(http::HeaderValue::from_str) {
+            headers.insert(name, value);
+        }
     }
+    let cx = pipeline::extract(&headers);
+    let mut passed_on = http::HeaderMap::new();
+    pipeline::inject(&cx, &mut passed_on);
+    let again = pipeline::extract(&passed_on);
+    assert_eq!(again.span().span_context(), cx.span().span_context());
+    assert_eq!(again.baggage().len(), cx.baggage().len());
+
     if let Some(id) = RequestId::parse(data) {
         assert_eq!(id.as_str().as_bytes(), data);
     }
     // Every variable set to a slice of the input.
     let values: Vec<&str> = text.split('\n').collect();
-    let config = ExportConfig::from_lookup("users", |key| {
+    let signals = Signals::from_lookup(|key| {
         let i = key.bytes().map(usize::from).sum::<usize>() % values.len().max(1);
         values.get(i).map(|v| (*v).to_owned())
     });
-    assert!(config.max_batch <= config.max_queue);
+    if signals.traces.is_none() && signals.metrics.is_none() && signals.logs.is_none() {
+        return;
+    }
+    // Something is exported only to an endpoint that some variable named.
+    assert!(values.iter().any(|v| v.trim().starts_with("http://")));
 });

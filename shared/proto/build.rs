@@ -1,4 +1,4 @@
-//! Compiles `proto/mesh/**.proto` (and the OTLP subset in `otlp/`) with the pure-Rust `protox` compiler (no system `protoc`),
+//! Compiles `proto/mesh/**.proto` with the pure-Rust `protox` compiler (no system `protoc`),
 //! writes the encoded descriptor set for server reflection, and generates messages, clients and
 //! servers with tonic's code generator.
 
@@ -14,11 +14,6 @@ const FILES: &[&str] = &[
 
 /// `mesh bench`'s bare echo: built apart, with tonic's own codec, as the baseline.
 const BENCH_FILES: &[&str] = &["mesh/bench/v1/echo.proto"];
-
-const OTLP_FILES: &[&str] = &[
-    "opentelemetry/proto/collector/trace/v1/trace_service.proto",
-    "opentelemetry/proto/collector/metrics/v1/metrics_service.proto",
-];
 
 /// Server methods whose answers are encoded once and shared by many streams: the generated
 /// server takes `mesh_proto::codec::Encoded` of the response message from them. On the wire
@@ -105,15 +100,5 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_transport(true)
         .compile_fds(bench)?;
 
-    // The OTLP subset the telemetry exporter sends (and test collectors receive). Kept apart:
-    // it is not a mesh contract, is not served by reflection and is not linted as one.
-    let otlp_root = manifest_dir.join("otlp").canonicalize()?;
-    println!("cargo:rerun-if-changed={}", otlp_root.display());
-    let otlp = protox::compile(OTLP_FILES, [&otlp_root])?;
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .build_transport(true)
-        .compile_fds(otlp)?;
     Ok(())
 }

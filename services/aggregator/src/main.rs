@@ -16,6 +16,5 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli: Cli = mesh_runtime::cli::parse_or_exit();
-    mesh_telemetry::init(cli.log.log_format);
-    mesh_runtime::cli::block_on(mesh_aggregator::run(cli.config))
+    mesh_runtime::cli::block_on(mesh_aggregator::run(cli.config, cli.log.log_format))
 }

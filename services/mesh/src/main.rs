@@ -50,22 +50,29 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli: Cli = parse_or_exit();
-    mesh_telemetry::init(cli.log.log_format);
+    let log = cli.log.log_format;
     match cli.command {
-        Command::Up(args) => block_on(up::run(args, cli.log.log_format)),
+        Command::Up(args) => {
+            mesh_telemetry::init(log);
+            block_on(up::run(args, log))
+        }
+        // Each service installs its own subscriber, with the OpenTelemetry SDK's layers in it.
         Command::Auth(config) => {
             up::die_with_supervisor();
-            block_on(mesh_auth::run(config))
+            block_on(mesh_auth::run(config, log))
         }
         Command::Users(config) => {
             up::die_with_supervisor();
-            block_on(mesh_users::run(config))
+            block_on(mesh_users::run(config, log))
         }
         Command::Aggregator(config) => {
             up::die_with_supervisor();
-            block_on(mesh_aggregator::run(config))
+            block_on(mesh_aggregator::run(config, log))
         }
         #[cfg(feature = "bench")]
-        Command::Bench(args) => bench::main(args),
+        Command::Bench(args) => {
+            mesh_telemetry::init(log);
+            bench::main(args)
+        }
     }
 }

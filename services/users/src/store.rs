@@ -364,6 +364,7 @@ macro_rules! impl_store {
 
         #[tonic::async_trait]
         impl UsersStore for $store {
+            #[tracing::instrument(name = "users.store.create", level = "info", skip_all)]
             async fn create(
                 &self,
                 new: &User,
@@ -404,6 +405,9 @@ macro_rules! impl_store {
                 Ok(Created::New(user, event))
             }
 
+            // One span per read (a child of the call's span in its trace), as any store call
+            // can have: `#[tracing::instrument]` is all it takes.
+            #[tracing::instrument(name = "users.store.get", level = "info", skip_all)]
             async fn get(&self, id: &str) -> Result<Option<User>, StoreError> {
                 let row: Option<UserRow> =
                     sqlx::query_as(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))

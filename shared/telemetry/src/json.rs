@@ -80,9 +80,9 @@ where
                     current = false;
                 }
                 if let Some(ids) = span.extensions().get::<CallIds>() {
-                    if let Some(ctx) = &ids.context {
-                        line.insert("trace_id".into(), ctx.trace_id_hex().into());
-                        line.insert("span_id".into(), ctx.span_id_hex().into());
+                    if let Some((trace_id, span_id)) = &ids.ids {
+                        line.insert("trace_id".into(), trace_id.clone().into());
+                        line.insert("span_id".into(), span_id.clone().into());
                     }
                     if let Some(id) = &ids.request_id {
                         line.insert("request_id".into(), id.clone().into());

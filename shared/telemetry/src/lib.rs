@@ -1,4 +1,5 @@
-//! Telemetry shared by every mesh process: logs, request ids, traces and metrics.
+//! Telemetry shared by every mesh process: logs, request ids, traces, metrics and logs over
+//! OTLP through the OpenTelemetry SDK.
 //!
 //! - Logs go to standard error, filtered by `RUST_LOG` (default `info`), as human-readable
 //!   lines or as one JSON object per line ([`LogFormat`]).
@@ -6,23 +7,28 @@
 //!   `x-request-id` when it is valid, a new one otherwise, echoed in the response metadata and
 //!   stored in the request's extensions for downstream calls.
 //! - Every call runs in a span ([`rpc`]) that carries `request_id`, `trace_id` and `span_id`,
-//!   so every log line of a call leads to its trace. W3C trace context ([`context`]) is taken
-//!   from callers and passed to callees.
-//! - With an OTLP endpoint set, spans and RPC metrics are exported ([`export`], [`metrics`]).
+//!   so every log line of a call leads to its trace. Trace context and baggage are taken from
+//!   callers and passed to callees.
+//! - A service started with [`Telemetry::start`] exports over OTLP what the standard
+//!   `OTEL_*` variables ask for ([`pipeline`]): every `tracing` span of a request as an
+//!   OpenTelemetry span (`tracing-opentelemetry`), RPC metrics and gauges ([`metrics`]), and
+//!   its log records (`opentelemetry-appender-tracing`), each with its trace and span id.
 
-pub mod context;
-pub mod export;
 mod json;
 pub mod metrics;
+pub mod pipeline;
 pub mod request_id;
 pub mod rpc;
 
 use std::{fmt, str::FromStr};
 
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+use opentelemetry::trace::TracerProvider as _;
+use tracing_subscriber::{
+    EnvFilter, Layer as _, filter::filter_fn, layer::SubscriberExt as _,
+    util::SubscriberInitExt as _,
+};
 
-pub use context::TraceContext;
-pub use export::{ExportConfig, Telemetry};
+pub use pipeline::{Protocol, Signals};
 pub use request_id::{REQUEST_ID_HEADER, RequestId, RequestIdLayer};
 pub use rpc::{ClientTrace, ClientTraceLayer, ServerTraceLayer, current_context};
 
@@ -60,26 +66,61 @@ impl fmt::Display for LogFormat {
     }
 }
 
-/// Installs the process-wide log subscriber.
-///
-/// The filter comes from `RUST_LOG` and defaults to `info`; a malformed `RUST_LOG` falls back to
-/// `info` with a warning rather than silencing the process. Calling it twice keeps the first
-/// subscriber (tests may race to install one).
-pub fn init(format: LogFormat) {
+/// The log filter: `RUST_LOG`, else `info`; a malformed `RUST_LOG` falls back to `info` with
+/// the error to warn about. Call spans are always on.
+fn filter() -> (EnvFilter, Option<String>) {
     let (filter, bad_filter) = match EnvFilter::try_from_default_env() {
         Ok(filter) => (filter, None),
         Err(err) if std::env::var_os(EnvFilter::DEFAULT_ENV).is_some() => {
-            (EnvFilter::new("info"), Some(err))
+            (EnvFilter::new("info"), Some(err.to_string()))
         }
         Err(_) => (EnvFilter::new("info"), None),
     };
     // Call spans always exist, whatever the filter: they carry the trace context that outgoing
     // calls pass on and the ids every log line of the call shows.
-    let filter = match format!("{}=info", rpc::SPAN_TARGET).parse() {
-        Ok(directive) => filter.add_directive(directive),
-        Err(_) => filter,
-    };
-    let registry = tracing_subscriber::registry().with(filter);
+    let mut filter = filter;
+    for target in [rpc::SPAN_TARGET, rpc::UNTRACED_TARGET] {
+        if let Ok(directive) = format!("{target}=info").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    (filter, bad_filter)
+}
+
+/// Targets whose events never go out as OTLP log records: the export's own plumbing, which
+/// would otherwise log about its own exports.
+fn is_plumbing(target: &str) -> bool {
+    ["opentelemetry", "tonic", "h2", "hyper", "tower"]
+        .iter()
+        .any(|p| target.starts_with(p))
+}
+
+/// Installs the subscriber: the filter, the console layer, and the SDK's layers of
+/// `providers`. Whether it was installed (a process keeps its first subscriber).
+fn install(format: LogFormat, providers: &pipeline::Providers) -> bool {
+    let (filter, bad_filter) = filter();
+    let traces = providers.tracer.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("mesh"))
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
+            // Spans only: log events go out as log records, not as span events.
+            .with_filter(filter_fn(|meta| {
+                meta.is_span() && meta.target() != rpc::UNTRACED_TARGET
+            }))
+    });
+    let logs = providers.logger.as_ref().map(|provider| {
+        opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(provider)
+            .with_filter(filter_fn(|meta| {
+                meta.is_event() && !is_plumbing(meta.target())
+            }))
+    });
+    let registry = tracing_subscriber::registry()
+        .with(traces)
+        .with(logs)
+        .with(filter);
     let installed = match format {
         LogFormat::Text => registry
             .with(
@@ -101,6 +142,86 @@ pub fn init(format: LogFormat) {
         && let Some(err) = bad_filter
     {
         tracing::warn!(error = %err, "RUST_LOG is not a valid filter; logging at `info`");
+    }
+    installed.is_ok()
+}
+
+/// Installs the process-wide log subscriber of a process that exports nothing (the
+/// launcher, the benchmarks): console logs only.
+///
+/// The filter comes from `RUST_LOG` and defaults to `info`; a malformed `RUST_LOG` falls back to
+/// `info` with a warning rather than silencing the process. Calling it twice keeps the first
+/// subscriber (tests may race to install one).
+pub fn init(format: LogFormat) {
+    install(format, &pipeline::Providers::default());
+}
+
+/// How long [`Telemetry::shutdown`] waits for each signal's last export.
+const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The telemetry of one service process: its log subscriber and the SDK's providers;
+/// [`Telemetry::shutdown`] flushes them.
+#[derive(Debug)]
+pub struct Telemetry {
+    providers: pipeline::Providers,
+}
+
+impl Telemetry {
+    /// Installs the log subscriber and starts exporting as the environment says, for the
+    /// service `service` (its default `service.name`). Must run inside a Tokio runtime.
+    /// Without an endpoint it exports nothing and says nothing. When the process already has a
+    /// subscriber (tests), that one is kept and nothing is exported.
+    pub fn start(service: &str, format: LogFormat) -> Self {
+        let signals = Signals::from_env();
+        let mut problems = signals.problems.clone();
+        pipeline::set_propagators(&signals.propagators);
+        let mut providers = pipeline::providers(service, &signals, &mut problems);
+        let installed = install(format, &providers);
+        if !installed {
+            // Another subscriber is in place: spans could not be made OpenTelemetry spans.
+            providers.logger = None;
+            if let Some(tracer) = providers.tracer.take() {
+                let _ = tracer.shutdown();
+            }
+        }
+        if let Some(meter) = &providers.meter {
+            opentelemetry::global::set_meter_provider(meter.clone());
+            metrics::runtime_gauges();
+        }
+        pipeline::mark(providers.tracer.is_some(), providers.meter.is_some());
+        for problem in &problems {
+            tracing::warn!(problem = %problem, "telemetry configuration");
+        }
+        if providers.tracer.is_some() || providers.meter.is_some() || providers.logger.is_some() {
+            tracing::info!(
+                service,
+                traces = ?signals.traces.filter(|_| providers.tracer.is_some()),
+                metrics = ?signals.metrics.filter(|_| providers.meter.is_some()),
+                logs = ?signals.logs.filter(|_| providers.logger.is_some()),
+                "exporting telemetry over OTLP"
+            );
+        }
+        Self { providers }
+    }
+
+    /// Sends every queued span, metric and log record (within 5 s each), then stops exporting.
+    pub async fn shutdown(self) {
+        let providers = self.providers;
+        pipeline::mark(false, false);
+        // The SDK's shutdown blocks until its export threads are done; they need this runtime
+        // running meanwhile.
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(tracer) = providers.tracer {
+                let _ = tracer.shutdown_with_timeout(SHUTDOWN_TIMEOUT);
+            }
+            if let Some(meter) = providers.meter {
+                let _ = meter.shutdown_with_timeout(SHUTDOWN_TIMEOUT);
+            }
+            if let Some(logger) = providers.logger {
+                let _ = logger.shutdown_with_timeout(SHUTDOWN_TIMEOUT);
+            }
+        })
+        .await;
     }
 }
 

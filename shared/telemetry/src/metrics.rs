@@ -1,286 +1,170 @@
-//! The process's metrics: RPC duration histograms (recorded by the layers in [`crate::rpc`])
-//! and gauges the services register ([`gauge`]), collected into OTLP form at each export.
+//! The process's metrics, through the OpenTelemetry SDK's meter provider: RPC call durations
+//! (recorded by the layers in [`crate::rpc`]) and gauges the services register ([`gauge`]).
 //!
-//! Histograms are cumulative since the process started, in explicit buckets; recording one
-//! value takes one short lock on its series. Nothing is recorded unless metrics are exported.
+//! - `rpc.server.call.duration` and `rpc.client.call.duration`: histograms in seconds, by
+//!   `rpc.system.name` (`grpc`), `rpc.method` (`pkg.Service/Method`) and
+//!   `rpc.response.status_code` (`OK`, `UNAUTHENTICATED`, …), plus `server.address` and
+//!   `server.port` on the client side, as the current RPC semantic conventions name them.
+//!   A hostile client calling made-up methods cannot grow memory without bound: the SDK keeps
+//!   at most 2,000 attribute sets per instrument and folds the rest into one overflow series.
+//! - The Tokio runtime's own figures: `tokio.runtime.workers`, `tokio.runtime.alive_tasks`,
+//!   `tokio.runtime.global_queue_depth` and `tokio.runtime.worker.busy_time` (seconds the
+//!   workers spent busy, summed: its rate over the worker count is how busy they are).
+//!
+//! Nothing is recorded unless metrics are exported.
 
-use std::{
-    collections::BTreeMap,
-    sync::{Mutex, OnceLock},
-    time::SystemTime,
+use std::sync::{Mutex, OnceLock};
+
+use opentelemetry::{
+    KeyValue, global,
+    metrics::{Histogram, ObservableCounter, ObservableGauge},
 };
 
-use mesh_proto::otlp::metrics::v1::{
-    AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint, metric,
-    number_data_point,
-};
+use crate::rpc::code_name;
 
-use crate::export::{AttrValue, Attributes, unix_nanos};
+/// The instrumentation scope of every metric the mesh makes.
+const SCOPE: &str = "mesh";
 
-/// Bucket bounds of the RPC duration histograms, in milliseconds: fine below a millisecond
-/// (a loopback hop) and up to ten seconds (the default deadline).
-pub const DURATION_BOUNDS_MS: [f64; 16] = [
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
-    10000.0,
+/// Bucket bounds of the duration histograms, in seconds: fine below a millisecond (a loopback
+/// hop) and up to ten seconds (the default deadline).
+const DURATION_BOUNDS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
 ];
 
-/// Series of one histogram metric at most; later attribute sets are not recorded (a hostile
-/// client must not grow memory by calling made-up methods).
-const MAX_SERIES: usize = 1000;
-
-#[derive(Debug, Clone)]
-struct Series {
-    counts: [u64; DURATION_BOUNDS_MS.len() + 1],
-    count: u64,
-    sum: f64,
-    min: f64,
-    max: f64,
+struct Durations {
+    server: Histogram<f64>,
+    client: Histogram<f64>,
 }
 
-impl Series {
-    fn new() -> Self {
-        Self {
-            counts: [0; DURATION_BOUNDS_MS.len() + 1],
-            count: 0,
-            sum: 0.0,
-            min: f64::INFINITY,
-            max: f64::NEG_INFINITY,
+/// Made from the global meter provider at the first call recorded, which comes after
+/// [`crate::Telemetry::start`] has set it.
+fn durations() -> &'static Durations {
+    static DURATIONS: OnceLock<Durations> = OnceLock::new();
+    DURATIONS.get_or_init(|| {
+        let meter = global::meter(SCOPE);
+        Durations {
+            server: meter
+                .f64_histogram("rpc.server.call.duration")
+                .with_description("Duration of gRPC calls served, by method and status code")
+                .with_unit("s")
+                .with_boundaries(DURATION_BOUNDS.to_vec())
+                .build(),
+            client: meter
+                .f64_histogram("rpc.client.call.duration")
+                .with_description(
+                    "Duration of gRPC calls made to other services, by method and status code",
+                )
+                .with_unit("s")
+                .with_boundaries(DURATION_BOUNDS.to_vec())
+                .build(),
         }
+    })
+}
+
+/// Records one finished call of `name` (`pkg.Service/Method`) that took `seconds`.
+pub(crate) fn record_call(
+    server: bool,
+    name: &str,
+    code: i32,
+    peer: Option<&(std::sync::Arc<str>, u16)>,
+    seconds: f64,
+) {
+    let mut attributes = vec![
+        KeyValue::new("rpc.system.name", "grpc"),
+        KeyValue::new("rpc.method", name.to_owned()),
+        KeyValue::new("rpc.response.status_code", code_name(code)),
+    ];
+    if let Some((host, port)) = peer {
+        attributes.push(KeyValue::new("server.address", host.to_string()));
+        attributes.push(KeyValue::new("server.port", i64::from(*port)));
     }
-
-    fn record(&mut self, value: f64) {
-        // Bucket i holds (bounds[i-1], bounds[i]]; the last one everything above.
-        let bucket = DURATION_BOUNDS_MS.partition_point(|&bound| bound < value);
-        self.counts[bucket] += 1;
-        self.count += 1;
-        self.sum += value;
-        self.min = self.min.min(value);
-        self.max = self.max.max(value);
-    }
+    let durations = durations();
+    let histogram = if server {
+        &durations.server
+    } else {
+        &durations.client
+    };
+    histogram.record(seconds, &attributes);
 }
 
-struct HistogramMetric {
-    name: &'static str,
-    description: &'static str,
-    series: Mutex<BTreeMap<Attributes, Series>>,
-}
-
-/// A gauge read at each export.
-struct GaugeMetric {
-    name: &'static str,
-    description: &'static str,
-    unit: &'static str,
-    read: Box<dyn Fn() -> i64 + Send + Sync>,
-}
-
-#[derive(Default)]
-struct Registry {
-    histograms: Mutex<Vec<&'static HistogramMetric>>,
-    gauges: Mutex<Vec<GaugeMetric>>,
-}
-
-fn registry() -> &'static Registry {
-    static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY.get_or_init(Registry::default)
-}
-
-/// When the cumulative series began.
-fn start_time() -> SystemTime {
-    static START: OnceLock<SystemTime> = OnceLock::new();
-    *START.get_or_init(SystemTime::now)
-}
-
-/// A duration histogram in milliseconds.
-pub(crate) struct DurationHistogram {
-    metric: OnceLock<&'static HistogramMetric>,
-    name: &'static str,
-    description: &'static str,
-}
-
-impl DurationHistogram {
-    pub(crate) const fn new(name: &'static str, description: &'static str) -> Self {
-        Self {
-            metric: OnceLock::new(),
-            name,
-            description,
-        }
-    }
-
-    fn metric(&self) -> &'static HistogramMetric {
-        self.metric.get_or_init(|| {
-            let _ = start_time();
-            let metric: &'static HistogramMetric = Box::leak(Box::new(HistogramMetric {
-                name: self.name,
-                description: self.description,
-                series: Mutex::new(BTreeMap::new()),
-            }));
-            if let Ok(mut all) = registry().histograms.lock() {
-                all.push(metric);
-            }
-            metric
-        })
-    }
-
-    /// Records `ms` under `attributes`.
-    pub(crate) fn record(&self, attributes: Attributes, ms: f64) {
-        let metric = self.metric();
-        let Ok(mut series) = metric.series.lock() else {
-            return;
-        };
-        let len = series.len();
-        match series.get_mut(&attributes) {
-            Some(s) => s.record(ms),
-            None if len < MAX_SERIES => {
-                let mut s = Series::new();
-                s.record(ms);
-                series.insert(attributes, s);
-            }
-            None => {}
-        }
-    }
+/// The gauges registered so far: kept for the life of the process.
+fn kept() -> &'static Mutex<Vec<ObservableGauge<i64>>> {
+    static KEPT: OnceLock<Mutex<Vec<ObservableGauge<i64>>>> = OnceLock::new();
+    KEPT.get_or_init(|| Mutex::new(Vec::new()))
 }
 
 /// Registers a gauge read at every export: `read` returns its current value (an open-stream
-/// count, a queue depth). Cheap to keep even when nothing is exported.
+/// count, a queue depth). Without metrics export it is never read.
 pub fn gauge(
     name: &'static str,
     description: &'static str,
     unit: &'static str,
     read: impl Fn() -> i64 + Send + Sync + 'static,
 ) {
-    if let Ok(mut gauges) = registry().gauges.lock() {
-        gauges.retain(|g| g.name != name);
-        gauges.push(GaugeMetric {
-            name,
-            description,
-            unit,
-            read: Box::new(read),
-        });
+    let gauge = global::meter(SCOPE)
+        .i64_observable_gauge(name)
+        .with_description(description)
+        .with_unit(unit)
+        .with_callback(move |observer| observer.observe(read(), &[]))
+        .build();
+    if let Ok(mut kept) = kept().lock() {
+        kept.push(gauge);
     }
 }
 
-/// Every metric as it stands now, in OTLP form.
-pub(crate) fn collect() -> Vec<Metric> {
-    let now = unix_nanos(SystemTime::now());
-    let start = unix_nanos(start_time());
-    let mut out = Vec::new();
-    let histograms: Vec<&'static HistogramMetric> = registry()
-        .histograms
-        .lock()
-        .map(|h| h.clone())
-        .unwrap_or_default();
-    for metric in histograms {
-        let snapshot: Vec<(Attributes, Series)> = match metric.series.lock() {
-            Ok(series) => series.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            Err(_) => continue,
-        };
-        if snapshot.is_empty() {
-            continue;
-        }
-        let data_points = snapshot
-            .into_iter()
-            .map(|(attributes, s)| HistogramDataPoint {
-                attributes: attributes.iter().map(|(k, v)| v.key_value(k)).collect(),
-                start_time_unix_nano: start,
-                time_unix_nano: now,
-                count: s.count,
-                sum: Some(s.sum),
-                bucket_counts: s.counts.to_vec(),
-                explicit_bounds: DURATION_BOUNDS_MS.to_vec(),
-                flags: 0,
-                min: Some(s.min),
-                max: Some(s.max),
-            })
-            .collect();
-        out.push(Metric {
-            name: metric.name.into(),
-            description: metric.description.into(),
-            unit: "ms".into(),
-            data: Some(metric::Data::Histogram(Histogram {
-                data_points,
-                aggregation_temporality: AggregationTemporality::Cumulative as i32,
-            })),
-        });
-    }
-    if let Ok(gauges) = registry().gauges.lock() {
-        for g in gauges.iter() {
-            out.push(Metric {
-                name: g.name.into(),
-                description: g.description.into(),
-                unit: g.unit.into(),
-                data: Some(metric::Data::Gauge(Gauge {
-                    data_points: vec![NumberDataPoint {
-                        attributes: Vec::new(),
-                        start_time_unix_nano: start,
-                        time_unix_nano: now,
-                        value: Some(number_data_point::Value::AsInt((g.read)())),
-                        flags: 0,
-                    }],
-                })),
-            });
-        }
-    }
-    out
-}
+/// One of the runtime's figures: name, description, unit, how it is read.
+type RuntimeFigure = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&tokio::runtime::RuntimeMetrics) -> usize,
+);
 
-/// An attribute list of string values and one integer status code.
-pub(crate) fn rpc_attributes(service: &str, method: &str, code: i32) -> Attributes {
-    vec![
-        ("rpc.grpc.status_code", AttrValue::Int(i64::from(code))),
-        ("rpc.method", AttrValue::Str(crate::export::intern(method))),
+/// Gauges of the runtime the caller runs on, and the time its workers spent busy.
+pub(crate) fn runtime_gauges() {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let figures: [RuntimeFigure; 3] = [
         (
-            "rpc.service",
-            AttrValue::Str(crate::export::intern(service)),
+            "tokio.runtime.workers",
+            "Worker threads of the Tokio runtime",
+            "{thread}",
+            tokio::runtime::RuntimeMetrics::num_workers,
         ),
-        ("rpc.system", AttrValue::Str(crate::export::intern("grpc"))),
-    ]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Values land in the right buckets (upper bounds inclusive), with count, sum, min, max;
-    /// each attribute set is its own series; gauges are read at collection.
-    #[test]
-    fn histogram_and_gauge() {
-        static H: DurationHistogram = DurationHistogram::new("test.duration", "a test");
-        for ms in [0.05, 0.1, 0.3, 7.0, 20_000.0] {
-            H.record(rpc_attributes("s", "M", 0), ms);
-        }
-        H.record(rpc_attributes("s", "M", 14), 1.0);
-        gauge("test.gauge", "a gauge", "{item}", || 42);
-        let metrics = collect();
-        let hist = metrics
-            .iter()
-            .find(|m| m.name == "test.duration")
-            .expect("histogram exported");
-        let Some(metric::Data::Histogram(h)) = &hist.data else {
-            panic!("not a histogram: {hist:?}");
-        };
-        assert_eq!(h.data_points.len(), 2);
-        let ok = h
-            .data_points
-            .iter()
-            .find(|p| p.count == 5)
-            .expect("the OK series");
-        assert_eq!(ok.bucket_counts.len(), DURATION_BOUNDS_MS.len() + 1);
-        assert_eq!(ok.bucket_counts[0], 2, "0.05 and 0.1 are ≤ 0.1");
-        assert_eq!(ok.bucket_counts[2], 1, "0.3 is in (0.25, 0.5]");
-        assert_eq!(ok.bucket_counts[6], 1, "7 is in (5, 10]");
-        assert_eq!(ok.bucket_counts[DURATION_BOUNDS_MS.len()], 1, "overflow");
-        assert_eq!((ok.min, ok.max), (Some(0.05), Some(20_000.0)));
-        assert!((ok.sum.unwrap_or(0.0) - 20_007.45).abs() < 1e-6);
-        let g = metrics
-            .iter()
-            .find(|m| m.name == "test.gauge")
-            .expect("gauge exported");
-        let Some(metric::Data::Gauge(g)) = &g.data else {
-            panic!("not a gauge");
-        };
-        assert_eq!(
-            g.data_points[0].value,
-            Some(number_data_point::Value::AsInt(42))
-        );
+        (
+            "tokio.runtime.alive_tasks",
+            "Tasks alive on the Tokio runtime",
+            "{task}",
+            tokio::runtime::RuntimeMetrics::num_alive_tasks,
+        ),
+        (
+            "tokio.runtime.global_queue_depth",
+            "Tasks waiting in the Tokio runtime's global queue",
+            "{task}",
+            tokio::runtime::RuntimeMetrics::global_queue_depth,
+        ),
+    ];
+    for (name, description, unit, read) in figures {
+        let metrics = runtime.metrics();
+        gauge(name, description, unit, move || {
+            i64::try_from(read(&metrics)).unwrap_or(i64::MAX)
+        });
     }
+    static BUSY: OnceLock<ObservableCounter<f64>> = OnceLock::new();
+    let metrics = runtime.metrics();
+    BUSY.get_or_init(move || {
+        global::meter(SCOPE)
+            .f64_observable_counter("tokio.runtime.worker.busy_time")
+            .with_description("Time the Tokio runtime's workers spent busy, summed over workers")
+            .with_unit("s")
+            .with_callback(move |observer| {
+                let busy: f64 = (0..metrics.num_workers())
+                    .map(|w| metrics.worker_total_busy_duration(w).as_secs_f64())
+                    .sum();
+                observer.observe(busy, &[]);
+            })
+            .build()
+    });
 }

@@ -1,23 +1,34 @@
 //! Tracing of gRPC calls, as tower layers: [`ServerTraceLayer`] on every mesh server and
 //! [`ClientTraceLayer`] on every channel a mesh service calls another with.
 //!
-//! - The server side takes the caller's W3C `traceparent`/`tracestate` and makes the call's span
-//!   its child (or the root of a new trace). It opens the call's `tracing` span, which every log
-//!   line of the call is written in and which carries `trace_id`, `span_id` and `request_id`.
-//! - The client side makes a span for each outgoing call, a child of the span the call is made
-//!   in, and sends it as the callee's `traceparent`.
+//! - The server side takes the caller's trace context and baggage (the propagators of
+//!   `OTEL_PROPAGATORS`, W3C `traceparent`/`tracestate` and `baggage` by default) and opens the
+//!   call's `tracing` span, which becomes the OpenTelemetry server span (through
+//!   `tracing-opentelemetry`), a child of the caller's. Every log line of the call is written
+//!   in it and carries `trace_id`, `span_id` and `request_id`; every span opened inside it (an
+//!   `#[tracing::instrument]` on a store call) is its child in the trace.
+//! - The client side opens a span for each outgoing call, a child of the span the call is made
+//!   in, and sends its context as the callee's `traceparent` (and the baggage on).
 //! - One span per call, streams included: it ends when the response's last frame (its
 //!   trailers) has passed, and counts the messages each way. Names and attributes follow
-//!   OpenTelemetry's RPC conventions (`rpc.system`, `rpc.service`, `rpc.method`,
-//!   `rpc.grpc.status_code`, `server.address`/`server.port` on client spans).
-//! - Each call's duration goes into `rpc.server.duration` / `rpc.client.duration` (ms).
+//!   OpenTelemetry's current RPC conventions: the span is named `pkg.Service/Method`, with
+//!   `rpc.system.name` (`grpc`), `rpc.method` (`pkg.Service/Method`),
+//!   `rpc.response.status_code` (the code's name: `OK`, `NOT_FOUND`, …) and
+//!   `server.address`/`server.port` on client spans.
+//! - Each call's duration goes into `rpc.server.call.duration` / `rpc.client.call.duration`
+//!   (seconds, by `rpc.method` and `rpc.response.status_code`; see [`crate::metrics`]).
 //!
-//! Without an export pipeline (tests, or no endpoint set) no span is made, but the caller's
-//! trace context is still passed on unchanged, so a mesh without a collector does not break the
-//! traces of the services around it.
+//! Without trace export (tests, or no endpoint set) no OpenTelemetry span is made, but the
+//! caller's trace context and baggage are still passed on unchanged, so a mesh without a
+//! collector does not break the traces of the services around it.
 //!
 //! Health checks and reflection get the log span but no trace span: probes every few seconds
 //! would bury the traces that matter.
+//!
+//! The layers are the mesh's own. The published ones (`tonic-tracing-opentelemetry` 0.42, on
+//! the same tonic and OpenTelemetry versions) end the span when the response's headers
+//! arrive, so a stream's span does not cover the stream, and take a status that comes in the
+//! trailers as OK; they count no messages and record no RPC metrics.
 
 use std::{
     pin::Pin,
@@ -26,60 +37,48 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
-    time::{Instant, SystemTime},
+    time::Instant,
 };
 
 use bytes::Bytes;
 use http_body::Frame;
-use mesh_proto::otlp::trace::v1::{Span as OtlpSpan, Status as OtlpStatus, span, status};
+use opentelemetry::trace::{Status, TraceContextExt as _};
 use tower::{Layer, Service};
 use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::registry::LookupSpan as _;
 
-use crate::{
-    RequestId,
-    context::TraceContext,
-    export::{kv, kv_int, pipeline, unix_nanos},
-    metrics::{DurationHistogram, rpc_attributes},
-};
+use crate::{RequestId, metrics, pipeline};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-static SERVER_DURATION: DurationHistogram = DurationHistogram::new(
-    "rpc.server.duration",
-    "Duration of gRPC calls served, by method and status code",
-);
-static CLIENT_DURATION: DurationHistogram = DurationHistogram::new(
-    "rpc.client.duration",
-    "Duration of gRPC calls made to other services, by method and status code",
-);
-
-/// The target of the call spans; `init` always enables it, so calls keep their trace context
-/// whatever `RUST_LOG` says.
+/// The target of the call spans; the log filter always enables it, so calls keep their trace
+/// context whatever `RUST_LOG` says.
 pub const SPAN_TARGET: &str = "mesh_rpc";
 
-/// What the call span of a request knows, kept in the span's extensions: the trace context of
-/// the span (or the caller's, passed through) and the request id.
+/// The target of the call spans of health checks and reflection: logged like the others, never
+/// made OpenTelemetry spans.
+pub const UNTRACED_TARGET: &str = "mesh_rpc_untraced";
+
+/// What the call span of a request knows, kept in the span's extensions: the ids its log lines
+/// carry, the request id, and (without trace export) the caller's context to pass on.
 #[derive(Debug, Clone)]
 pub(crate) struct CallIds {
-    pub(crate) context: Option<TraceContext>,
+    /// `trace_id` and `span_id` of the call (the caller's, passed through, without export).
+    pub(crate) ids: Option<(String, String)>,
+    /// The caller's trace context and baggage, passed on as they came when no span is made.
+    pub(crate) passed_on: Option<opentelemetry::Context>,
     pub(crate) request_id: Option<String>,
 }
 
-/// The trace context of the span the caller is in, if any: what an outgoing call is made a
-/// child of.
-pub fn current_context() -> Option<TraceContext> {
-    Span::current()
-        .with_subscriber(|(id, dispatch)| {
-            let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
-            let span = registry.span(id)?;
-            span.scope().find_map(|s| {
-                s.extensions()
-                    .get::<CallIds>()
-                    .and_then(|ids| ids.context.clone())
-            })
-        })
-        .flatten()
+fn call_ids(span: &Span) -> Option<CallIds> {
+    span.with_subscriber(|(id, dispatch)| {
+        let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
+        let span = registry.span(id)?;
+        span.scope()
+            .find_map(|s| s.extensions().get::<CallIds>().cloned())
+    })
+    .flatten()
 }
 
 fn remember(span: &Span, ids: CallIds) {
@@ -90,6 +89,25 @@ fn remember(span: &Span, ids: CallIds) {
             span.extensions_mut().insert(ids);
         }
     });
+}
+
+/// The trace context an outgoing call made now is a child of: the current span's (with its
+/// baggage) when spans are exported, else the caller's context passed through.
+pub fn current_context() -> opentelemetry::Context {
+    let span = Span::current();
+    if pipeline::traces_on() {
+        return span.context();
+    }
+    call_ids(&span)
+        .and_then(|ids| ids.passed_on)
+        .unwrap_or_default()
+}
+
+fn hex_ids(cx: &opentelemetry::Context) -> Option<(String, String)> {
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid()
+        .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
 }
 
 /// `/pkg.Service/Method` → (`pkg.Service`, `Method`).
@@ -112,7 +130,7 @@ fn status_of(headers: &http::HeaderMap) -> Option<i32> {
         .and_then(|v| v.parse().ok())
 }
 
-fn code_name(code: i32) -> &'static str {
+pub(crate) fn code_name(code: i32) -> &'static str {
     match code {
         0 => "OK",
         1 => "CANCELLED",
@@ -186,15 +204,11 @@ enum Kind {
 /// is dropped).
 struct Call {
     kind: Kind,
-    /// The span's own context when a span is recorded.
-    recorded: Option<TraceContext>,
-    parent_span_id: Option<[u8; 8]>,
-    remote_parent: bool,
-    service: String,
-    method: String,
+    /// The call's span, when its OpenTelemetry span is exported.
+    traced: Option<Span>,
+    /// `pkg.Service/Method`, the metrics' `rpc.method`.
+    name: Arc<str>,
     peer: Option<(Arc<str>, u16)>,
-    request_id: Option<String>,
-    start: SystemTime,
     started: Instant,
     /// Messages of the request body (counted by its wrapper).
     request_messages: Arc<AtomicU64>,
@@ -203,22 +217,13 @@ struct Call {
     done: bool,
 }
 
-/// What a call is known by when it starts.
-struct Started {
-    recorded: Option<TraceContext>,
-    parent_span_id: Option<[u8; 8]>,
-    remote_parent: bool,
-    service: String,
-    method: String,
-    peer: Option<(Arc<str>, u16)>,
-    request_id: Option<String>,
-}
-
 impl Call {
     /// A call starting now, and its request with a body that counts its messages.
     fn start(
         kind: Kind,
-        started: Started,
+        traced: Option<Span>,
+        name: Arc<str>,
+        peer: Option<(Arc<str>, u16)>,
         request: http::Request<tonic::body::Body>,
     ) -> (Self, http::Request<tonic::body::Body>) {
         let request_messages = Arc::new(AtomicU64::new(0));
@@ -232,14 +237,9 @@ impl Call {
         });
         let call = Self {
             kind,
-            recorded: started.recorded,
-            parent_span_id: started.parent_span_id,
-            remote_parent: started.remote_parent,
-            service: started.service,
-            method: started.method,
-            peer: started.peer,
-            request_id: started.request_id,
-            start: SystemTime::now(),
+            traced,
+            name,
+            peer,
             started: Instant::now(),
             request_messages,
             response_messages: 0,
@@ -276,21 +276,17 @@ impl Call {
             return;
         }
         self.done = true;
-        let Some(pipeline) = pipeline() else {
-            return;
-        };
-        let elapsed_ms = self.started.elapsed().as_secs_f64() * 1000.0;
-        if pipeline.metrics {
-            let histogram = match self.kind {
-                Kind::Server => &SERVER_DURATION,
-                Kind::Client => &CLIENT_DURATION,
-            };
-            histogram.record(
-                rpc_attributes(&self.service, &self.method, code),
-                elapsed_ms,
+        if pipeline::metrics_on() {
+            let seconds = self.started.elapsed().as_secs_f64();
+            metrics::record_call(
+                self.kind == Kind::Server,
+                &self.name,
+                code,
+                self.peer.as_ref(),
+                seconds,
             );
         }
-        let Some(ctx) = self.recorded.take().filter(TraceContext::is_sampled) else {
+        let Some(span) = self.traced.take() else {
             return;
         };
         let (sent, received) = match self.kind {
@@ -303,64 +299,25 @@ impl Call {
                 self.response_messages,
             ),
         };
-        let mut attributes = vec![
-            kv("rpc.system", "grpc"),
-            kv("rpc.service", self.service.clone()),
-            kv("rpc.method", self.method.clone()),
-            kv_int("rpc.grpc.status_code", i64::from(code)),
-            kv_int(
-                "mesh.rpc.messages_sent",
-                i64::try_from(sent).unwrap_or(i64::MAX),
-            ),
-            kv_int(
-                "mesh.rpc.messages_received",
-                i64::try_from(received).unwrap_or(i64::MAX),
-            ),
-        ];
-        if let Some((host, port)) = &self.peer {
-            attributes.push(kv("server.address", host.to_string()));
-            attributes.push(kv_int("server.port", i64::from(*port)));
-        }
-        if let Some(id) = self.request_id.take() {
-            attributes.push(kv("mesh.request_id", id));
-        }
+        span.set_attribute("rpc.response.status_code", code_name(code));
+        span.set_attribute(
+            "mesh.rpc.messages_sent",
+            i64::try_from(sent).unwrap_or(i64::MAX),
+        );
+        span.set_attribute(
+            "mesh.rpc.messages_received",
+            i64::try_from(received).unwrap_or(i64::MAX),
+        );
         // Servers mark only their own faults as errors; a client any failure.
         let error = match self.kind {
             Kind::Server => matches!(code, 2 | 4 | 12 | 13 | 14 | 15),
             Kind::Client => code != 0,
         };
-        let end = SystemTime::now();
-        let remote_flags = 0x100 | if self.remote_parent { 0x200 } else { 0 };
-        pipeline.submit(OtlpSpan {
-            trace_id: ctx.trace_id.to_vec(),
-            span_id: ctx.span_id.to_vec(),
-            trace_state: ctx.trace_state.clone().unwrap_or_default(),
-            parent_span_id: self.parent_span_id.map(|p| p.to_vec()).unwrap_or_default(),
-            flags: u32::from(ctx.flags) | remote_flags,
-            name: format!("{}/{}", self.service, self.method),
-            kind: match self.kind {
-                Kind::Server => span::SpanKind::Server,
-                Kind::Client => span::SpanKind::Client,
-            } as i32,
-            start_time_unix_nano: unix_nanos(self.start),
-            end_time_unix_nano: unix_nanos(end),
-            attributes,
-            dropped_attributes_count: 0,
-            events: Vec::new(),
-            dropped_events_count: 0,
-            status: Some(OtlpStatus {
-                message: if error {
-                    code_name(code).into()
-                } else {
-                    String::new()
-                },
-                code: if error {
-                    status::StatusCode::Error
-                } else {
-                    status::StatusCode::Unset
-                } as i32,
-            }),
-        });
+        if error {
+            span.set_status(Status::error(code_name(code)));
+        }
+        // The span ends when its last handle goes: this one, and the body's (dropped right
+        // after its last frame).
     }
 }
 
@@ -513,50 +470,56 @@ where
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let (service, method) = split_path(request.uri().path());
-        let (service, method) = (service.to_owned(), method.to_owned());
-        let remote = TraceContext::from_headers(request.headers());
+        let name: Arc<str> = Arc::from(format!("{service}/{method}"));
+        let infrastructure = is_infrastructure(service);
         let request_id = request
             .extensions()
             .get::<RequestId>()
             .map(|id| id.as_str().to_owned());
-        let exporting = pipeline().filter(|p| p.traces() && !is_infrastructure(&service));
-        // With a pipeline this call gets a span of its own; without, it runs in the caller's
-        // context, which outgoing calls pass on unchanged.
-        let context = match exporting {
-            Some(p) => Some(p.sampler.start(remote.as_ref())),
-            None => remote.clone(),
+        let remote = pipeline::extract(request.headers());
+        let request_field = request_id.as_deref().unwrap_or("");
+        let span = if infrastructure {
+            tracing::info_span!(
+                target: UNTRACED_TARGET,
+                "rpc",
+                rpc.method = %name,
+                request_id = request_field,
+            )
+        } else {
+            tracing::info_span!(
+                target: SPAN_TARGET,
+                "rpc",
+                otel.name = %name,
+                otel.kind = "server",
+                request_id = request_field,
+            )
         };
-        let span = tracing::info_span!(
-            target: SPAN_TARGET,
-            "rpc",
-            otel.kind = "server",
-            rpc.method = %request.uri().path(),
-            request_id = request_id.as_deref().unwrap_or(""),
-            trace_id = tracing::field::Empty,
-            span_id = tracing::field::Empty,
-        );
-        if let Some(ctx) = &context {
-            span.record("trace_id", ctx.trace_id_hex());
-            span.record("span_id", ctx.span_id_hex());
-        }
-        remember(
-            &span,
+        let traced = pipeline::traces_on() && !infrastructure;
+        let ids = if traced {
+            // An invalid or absent parent makes the call the root of a new trace.
+            let _ = span.set_parent(remote);
+            span.set_attribute("rpc.system.name", "grpc");
+            span.set_attribute("rpc.method", name.to_string());
             CallIds {
-                context: context.clone(),
-                request_id: request_id.clone(),
-            },
-        );
+                ids: hex_ids(&span.context()),
+                passed_on: None,
+                request_id,
+            }
+        } else {
+            // No span of its own: the call runs in the caller's context, which outgoing calls
+            // pass on unchanged.
+            CallIds {
+                ids: hex_ids(&remote),
+                passed_on: Some(remote),
+                request_id,
+            }
+        };
+        remember(&span, ids);
         let (mut call, request) = Call::start(
             Kind::Server,
-            Started {
-                recorded: exporting.and(context),
-                parent_span_id: remote.as_ref().map(|r| r.span_id),
-                remote_parent: remote.is_some(),
-                service,
-                method,
-                peer: None,
-                request_id,
-            },
+            traced.then(|| span.clone()),
+            name,
+            None,
             request,
         );
         let future = {
@@ -633,34 +596,28 @@ where
 
     fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
         let (service, method) = split_path(request.uri().path());
-        let (service, method) = (service.to_owned(), method.to_owned());
-        let parent = current_context();
-        let exporting = pipeline().filter(|p| p.traces() && !is_infrastructure(&service));
-        let context = match exporting {
-            Some(p) => Some(p.sampler.start(parent.as_ref())),
-            None => parent.clone(),
+        let name: Arc<str> = Arc::from(format!("{service}/{method}"));
+        let traced = if pipeline::traces_on() && !is_infrastructure(service) {
+            let span = tracing::info_span!(
+                target: SPAN_TARGET,
+                "rpc.client",
+                otel.name = %name,
+                otel.kind = "client",
+            );
+            span.set_attribute("rpc.system.name", "grpc");
+            span.set_attribute("rpc.method", name.to_string());
+            if let Some((host, port)) = &self.peer {
+                span.set_attribute("server.address", host.to_string());
+                span.set_attribute("server.port", i64::from(*port));
+            }
+            pipeline::inject(&span.context(), request.headers_mut());
+            Some(span)
+        } else {
+            pipeline::inject(&current_context(), request.headers_mut());
+            None
         };
-        if let Some(ctx) = &context {
-            ctx.inject(request.headers_mut());
-        }
-        let request_id = request
-            .headers()
-            .get(crate::REQUEST_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let (mut call, request) = Call::start(
-            Kind::Client,
-            Started {
-                recorded: exporting.and(context),
-                parent_span_id: parent.as_ref().map(|p| p.span_id),
-                remote_parent: false,
-                service,
-                method,
-                peer: self.peer.clone(),
-                request_id,
-            },
-            request,
-        );
+        let (mut call, request) =
+            Call::start(Kind::Client, traced, name, self.peer.clone(), request);
         let future = self.inner.call(request);
         Box::pin(async move {
             match future.await {

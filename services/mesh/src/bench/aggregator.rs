@@ -20,13 +20,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_proto::otlp::{
-    collector::metrics::v1::{
-        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-        metrics_service_server::{MetricsService, MetricsServiceServer},
-    },
-    metrics::v1::{metric::Data, number_data_point::Value},
-};
 use mesh_proto::{
     aggregator::v1::{
         GetMeRequest, GetProfilesRequest, ProfileEvent, SignUpRequest, WatchProfilesRequest,
@@ -35,6 +28,13 @@ use mesh_proto::{
     users::v1::{GetUserRequest, UpdateUserRequest, User, user_service_client::UserServiceClient},
 };
 use mesh_testkit::{ServiceProcess, TestMesh, TestPki};
+use opentelemetry_proto::tonic::{
+    collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+        metrics_service_server::{MetricsService, MetricsServiceServer},
+    },
+    metrics::v1::{metric::Data, number_data_point::Value},
+};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
@@ -562,7 +562,9 @@ async fn aggregator_process(
         // Metrics only, twice a second: the bench reads the relay's counters from them.
         command
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}"))
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
             .env("OTEL_TRACES_EXPORTER", "none")
+            .env("OTEL_LOGS_EXPORTER", "none")
             .env("OTEL_METRIC_EXPORT_INTERVAL", "500");
     }
     service_process(command, addr, mesh_aggregator::SERVICE_NAME).await

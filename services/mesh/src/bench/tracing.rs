@@ -12,22 +12,20 @@ use std::{
     time::Duration,
 };
 
-use mesh_proto::{
-    aggregator::v1::{
-        GetMeRequest, SignUpRequest, aggregator_service_client::AggregatorServiceClient,
-    },
-    otlp::collector::{
-        metrics::v1::{
-            ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-            metrics_service_server::{MetricsService, MetricsServiceServer},
-        },
-        trace::v1::{
-            ExportTraceServiceRequest, ExportTraceServiceResponse,
-            trace_service_server::{TraceService, TraceServiceServer},
-        },
-    },
+use mesh_proto::aggregator::v1::{
+    GetMeRequest, SignUpRequest, aggregator_service_client::AggregatorServiceClient,
 };
 use mesh_testkit::{TestServer, free_addr};
+use opentelemetry_proto::tonic::collector::{
+    metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+        metrics_service_server::{MetricsService, MetricsServiceServer},
+    },
+    trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+};
 use tonic::{Request, Response, Status};
 
 use super::{
@@ -59,7 +57,7 @@ impl TraceService for Counting {
                 .flat_map(|r| &r.attributes)
                 .find(|kv| kv.key == "service.name")
                 .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-                    mesh_proto::otlp::common::v1::any_value::Value::StringValue(s) => {
+                    opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s) => {
                         Some(s.clone())
                     }
                     _ => None,
@@ -154,6 +152,7 @@ async fn measure(
         .args(super::fixtures::bench_server_args())
         .env("RUST_LOG", "warn")
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
         .env_remove("OTEL_TRACES_SAMPLER")
         .env_remove("OTEL_TRACES_SAMPLER_ARG")
         .stdin(Stdio::null())
@@ -256,6 +255,9 @@ pub(super) async fn tracing(settings: &Settings) -> Result<Outcome, BenchError> 
     let exporting = |sampler: &str, arg: Option<&str>| {
         let mut env = vec![
             ("OTEL_EXPORTER_OTLP_ENDPOINT", url.clone()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_owned()),
+            // Spans (and metrics) only, as before the SDK: the collector takes no logs.
+            ("OTEL_LOGS_EXPORTER", "none".to_owned()),
             ("OTEL_TRACES_SAMPLER", sampler.to_owned()),
         ];
         if let Some(arg) = arg {

@@ -1,7 +1,9 @@
-//! End-to-end telemetry of the real `mesh up`: its three processes export over OTLP/gRPC to a
-//! collector in the test (a tonic server of OTLP's `TraceService` and `MetricsService`), and the
-//! test checks that one request makes one trace across all three services — and that a dead
-//! collector costs nothing but dropped spans.
+//! End-to-end telemetry of the real `mesh up`: its three processes export through the
+//! OpenTelemetry SDK over OTLP/gRPC or OTLP/HTTP to a collector in the test (tonic's server of
+//! OTLP's services, or a hyper server of its HTTP paths), and the test checks that one request
+//! makes one trace across all three services, with the spans a developer adds, metrics under
+//! the current names and log records that link to the trace — and that a dead collector costs
+//! nothing but dropped spans.
 
 use std::{
     net::SocketAddr,
@@ -13,32 +15,40 @@ use crate::common::MeshUp;
 use mesh_proto::{
     aggregator::v1::{GetMeRequest, aggregator_service_client::AggregatorServiceClient},
     headers,
-    otlp::{
-        collector::{
-            metrics::v1::{
-                ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-                metrics_service_server::{MetricsService, MetricsServiceServer},
-            },
-            trace::v1::{
-                ExportTraceServiceRequest, ExportTraceServiceResponse,
-                trace_service_server::{TraceService, TraceServiceServer},
-            },
-        },
-        common::v1::{KeyValue, any_value},
-        metrics::v1::{Metric, metric},
-        trace::v1::{Span, span::SpanKind, status::StatusCode},
-    },
 };
 use mesh_testkit::{bearer, proc_status_kib, try_sign_up};
+use opentelemetry_proto::tonic::{
+    collector::{
+        logs::v1::{
+            ExportLogsServiceRequest, ExportLogsServiceResponse,
+            logs_service_server::{LogsService, LogsServiceServer},
+        },
+        metrics::v1::{
+            ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+            metrics_service_server::{MetricsService, MetricsServiceServer},
+        },
+        trace::v1::{
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+            trace_service_server::{TraceService, TraceServiceServer},
+        },
+    },
+    common::v1::{KeyValue, any_value},
+    logs::v1::LogRecord,
+    metrics::v1::{Metric, metric},
+    trace::v1::{Span, span::SpanKind, status::StatusCode},
+};
+use prost::Message as _;
 use tonic::{Code, Request, Response, Status, transport::Channel};
 
 const PASSWORD: &str = "correct horse battery staple";
 
-/// What the collector has received: spans and metrics, each with its `service.name`.
+/// What the collector has received: spans, metrics and log records, each with its
+/// `service.name`.
 #[derive(Debug, Default)]
 struct Received {
     spans: Vec<(String, Span)>,
     metrics: Vec<(String, Metric)>,
+    logs: Vec<(String, LogRecord)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -80,14 +90,10 @@ fn attr_int(span: &Span, key: &str) -> Option<i64> {
     }
 }
 
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+impl Collector {
+    fn take_spans(&self, request: ExportTraceServiceRequest) {
         let mut received = self.0.lock().expect("collector lock");
-        for rs in request.into_inner().resource_spans {
+        for rs in request.resource_spans {
             let name = service_name(&rs.resource.unwrap_or_default().attributes);
             for ss in rs.scope_spans {
                 received
@@ -95,6 +101,40 @@ impl TraceService for Collector {
                     .extend(ss.spans.into_iter().map(|s| (name.clone(), s)));
             }
         }
+    }
+
+    fn take_metrics(&self, request: ExportMetricsServiceRequest) {
+        let mut received = self.0.lock().expect("collector lock");
+        for rm in request.resource_metrics {
+            let name = service_name(&rm.resource.unwrap_or_default().attributes);
+            for sm in rm.scope_metrics {
+                received
+                    .metrics
+                    .extend(sm.metrics.into_iter().map(|m| (name.clone(), m)));
+            }
+        }
+    }
+
+    fn take_logs(&self, request: ExportLogsServiceRequest) {
+        let mut received = self.0.lock().expect("collector lock");
+        for rl in request.resource_logs {
+            let name = service_name(&rl.resource.unwrap_or_default().attributes);
+            for sl in rl.scope_logs {
+                received
+                    .logs
+                    .extend(sl.log_records.into_iter().map(|l| (name.clone(), l)));
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        self.take_spans(request.into_inner());
         Ok(Response::new(ExportTraceServiceResponse::default()))
     }
 }
@@ -105,21 +145,24 @@ impl MetricsService for Collector {
         &self,
         request: Request<ExportMetricsServiceRequest>,
     ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
-        let mut received = self.0.lock().expect("collector lock");
-        for rm in request.into_inner().resource_metrics {
-            let name = service_name(&rm.resource.unwrap_or_default().attributes);
-            for sm in rm.scope_metrics {
-                received
-                    .metrics
-                    .extend(sm.metrics.into_iter().map(|m| (name.clone(), m)));
-            }
-        }
+        self.take_metrics(request.into_inner());
         Ok(Response::new(ExportMetricsServiceResponse::default()))
     }
 }
 
+#[tonic::async_trait]
+impl LogsService for Collector {
+    async fn export(
+        &self,
+        request: Request<ExportLogsServiceRequest>,
+    ) -> Result<Response<ExportLogsServiceResponse>, Status> {
+        self.take_logs(request.into_inner());
+        Ok(Response::new(ExportLogsServiceResponse::default()))
+    }
+}
+
 impl Collector {
-    /// A collector on a free loopback port; its URL.
+    /// An OTLP/gRPC collector on a free loopback port; its URL.
     async fn start() -> (Self, String) {
         let collector = Self::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -130,8 +173,79 @@ impl Collector {
         let server = tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(collector.clone()))
             .add_service(MetricsServiceServer::new(collector.clone()))
+            .add_service(LogsServiceServer::new(collector.clone()))
             .serve_with_incoming(incoming);
         tokio::spawn(server);
+        (collector, format!("http://{addr}"))
+    }
+
+    /// An OTLP/HTTP collector (protobuf bodies on `/v1/traces`, `/v1/metrics`, `/v1/logs`,
+    /// HTTP/1.1) on a free loopback port; its URL.
+    async fn start_http() -> (Self, String) {
+        use http_body_util::{BodyExt as _, Full};
+        let collector = Self::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let serving = collector.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let collector = serving.clone();
+                let service = hyper::service::service_fn(
+                    move |request: hyper::Request<hyper::body::Incoming>| {
+                        let collector = collector.clone();
+                        async move {
+                            let path = request.uri().path().to_owned();
+                            let body = request.into_body().collect().await?.to_bytes();
+                            let (status, reply) = match path.as_str() {
+                                "/v1/traces" => match ExportTraceServiceRequest::decode(body) {
+                                    Ok(r) => {
+                                        collector.take_spans(r);
+                                        (200, ExportTraceServiceResponse::default().encode_to_vec())
+                                    }
+                                    Err(_) => (400, Vec::new()),
+                                },
+                                "/v1/metrics" => match ExportMetricsServiceRequest::decode(body) {
+                                    Ok(r) => {
+                                        collector.take_metrics(r);
+                                        (
+                                            200,
+                                            ExportMetricsServiceResponse::default().encode_to_vec(),
+                                        )
+                                    }
+                                    Err(_) => (400, Vec::new()),
+                                },
+                                "/v1/logs" => match ExportLogsServiceRequest::decode(body) {
+                                    Ok(r) => {
+                                        collector.take_logs(r);
+                                        (200, ExportLogsServiceResponse::default().encode_to_vec())
+                                    }
+                                    Err(_) => (400, Vec::new()),
+                                },
+                                _ => (404, Vec::new()),
+                            };
+                            let mut response =
+                                hyper::Response::new(Full::new(bytes::Bytes::from(reply)));
+                            *response.status_mut() =
+                                hyper::StatusCode::from_u16(status).expect("status");
+                            response.headers_mut().insert(
+                                "content-type",
+                                hyper::header::HeaderValue::from_static("application/x-protobuf"),
+                            );
+                            Ok::<_, hyper::Error>(response)
+                        }
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
         (collector, format!("http://{addr}"))
     }
 
@@ -172,8 +286,14 @@ impl Collector {
 }
 
 fn exporting_env(collector: &str) -> Vec<(&'static str, String)> {
+    exporting_env_over(collector, "grpc")
+}
+
+fn exporting_env_over(collector: &str, protocol: &str) -> Vec<(&'static str, String)> {
     vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.to_owned()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.to_owned()),
+        ("OTEL_BLRP_SCHEDULE_DELAY", "100".into()),
         ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
         ("OTEL_METRIC_EXPORT_INTERVAL", "300".into()),
         ("MESH_LOG_FORMAT", "json".into()),
@@ -198,7 +318,8 @@ async fn metrics_go_out_with_traces_off() {
                 && has("aggregator", "mesh.aggregator.watch_events_from_ring")
                 && has("aggregator", "mesh.aggregator.watch_events_from_log")
                 && has("auth", "mesh.auth.hash_queue_depth")
-                && has("users", "rpc.server.duration")
+                && has("users", "rpc.server.call.duration")
+                && has("users", "tokio.runtime.alive_tasks")
         })
         .await;
     assert!(
@@ -311,7 +432,7 @@ async fn one_request_is_one_trace_across_all_three_services() {
             ["aggregator", "auth", "users"]
                 .iter()
                 .all(|s| services.contains(s))
-                && r.spans.iter().filter(|(_, s)| s.trace_id == trace).count() >= 5
+                && r.spans.iter().filter(|(_, s)| s.trace_id == trace).count() >= 6
         })
         .await;
     let spans = collector.spans_of(&trace);
@@ -326,13 +447,16 @@ async fn one_request_is_one_trace_across_all_three_services() {
         caller_span,
         "child of the caller's span"
     );
-    assert_eq!(attr_str(root, "rpc.system").as_deref(), Some("grpc"));
+    // The current RPC conventions: rpc.system.name, the full method, the status code's name.
+    assert_eq!(attr_str(root, "rpc.system.name").as_deref(), Some("grpc"));
     assert_eq!(
-        attr_str(root, "rpc.service").as_deref(),
-        Some("mesh.aggregator.v1.AggregatorService")
+        attr_str(root, "rpc.method").as_deref(),
+        Some("mesh.aggregator.v1.AggregatorService/SignUp")
     );
-    assert_eq!(attr_str(root, "rpc.method").as_deref(), Some("SignUp"));
-    assert_eq!(attr_int(root, "rpc.grpc.status_code"), Some(0));
+    assert_eq!(
+        attr_str(root, "rpc.response.status_code").as_deref(),
+        Some("OK")
+    );
     for (service, method) in [
         ("mesh.auth.v1.AuthService", "Register"),
         ("mesh.users.v1.UserService", "CreateUser"),
@@ -359,6 +483,8 @@ async fn one_request_is_one_trace_across_all_three_services() {
         assert_eq!(attr_int(server_span, "mesh.rpc.messages_sent"), Some(1));
     }
 
+    assert_developer_span_and_logs(&collector, &trace, &spans).await;
+
     // --- GetMe's trace: the aggregator's server span is the root.
     collector
         .wait_for("GetMe's spans", |r| {
@@ -371,7 +497,7 @@ async fn one_request_is_one_trace_across_all_three_services() {
                         && s.kind == SpanKind::Server as i32
                         && s.parent_span_id.is_empty()
                         && s.status.as_ref().is_none_or(|st| st.code == 0)
-                        && attr_int(s, "rpc.grpc.status_code") == Some(0)
+                        && attr_str(s, "rpc.response.status_code").as_deref() == Some("OK")
                 })
                 .collect();
             roots.first().is_some_and(|(_, root)| {
@@ -393,7 +519,7 @@ async fn one_request_is_one_trace_across_all_three_services() {
             svc == "aggregator"
                 && s.name.ends_with("/GetMe")
                 && s.parent_span_id.is_empty()
-                && attr_int(s, "rpc.grpc.status_code") == Some(0)
+                && attr_str(s, "rpc.response.status_code").as_deref() == Some("OK")
         })
         .map(|(_, s)| s.clone())
         .expect("GetMe root");
@@ -418,7 +544,7 @@ async fn one_request_is_one_trace_across_all_three_services() {
         .find(|(svc, s)| {
             svc == "aggregator"
                 && s.name.ends_with("/GetMe")
-                && attr_int(s, "rpc.grpc.status_code") == Some(16)
+                && attr_str(s, "rpc.response.status_code").as_deref() == Some("UNAUTHENTICATED")
         })
         .map(|(_, s)| s.clone())
         .expect("the refused GetMe has a span with code 16");
@@ -433,7 +559,7 @@ async fn one_request_is_one_trace_across_all_three_services() {
                 svc == "aggregator"
                     && s.kind == SpanKind::Client as i32
                     && s.name.ends_with("/Register")
-                    && attr_int(s, "rpc.grpc.status_code") == Some(6)
+                    && attr_str(s, "rpc.response.status_code").as_deref() == Some("ALREADY_EXISTS")
             })
         })
         .await;
@@ -444,7 +570,7 @@ async fn one_request_is_one_trace_across_all_three_services() {
             svc == "aggregator"
                 && s.kind == SpanKind::Client as i32
                 && s.name.ends_with("/Register")
-                && attr_int(s, "rpc.grpc.status_code") == Some(6)
+                && attr_str(s, "rpc.response.status_code").as_deref() == Some("ALREADY_EXISTS")
         })
         .map(|(_, s)| s.clone())
         .expect("failed Register");
@@ -470,33 +596,53 @@ async fn one_request_is_one_trace_across_all_three_services() {
         .wait_for("metrics from every service", |r| {
             let has =
                 |svc: &str, name: &str| r.metrics.iter().any(|(s, m)| s == svc && m.name == name);
-            has("aggregator", "rpc.server.duration")
-                && has("aggregator", "rpc.client.duration")
-                && has("auth", "rpc.server.duration")
-                && has("users", "rpc.server.duration")
+            has("aggregator", "rpc.server.call.duration")
+                && has("aggregator", "rpc.client.call.duration")
+                && has("auth", "rpc.server.call.duration")
+                && has("users", "rpc.server.call.duration")
                 && has("aggregator", "mesh.aggregator.watch_streams")
                 && has("auth", "mesh.auth.hash_queue_depth")
+                && has("aggregator", "tokio.runtime.workers")
+                && has("users", "tokio.runtime.worker.busy_time")
+        })
+        .await;
+    // Exports are periodic: wait for one made after the refused GetMe was recorded.
+    let refused_get_me = |p: &opentelemetry_proto::tonic::metrics::v1::HistogramDataPoint| {
+        attr(&p.attributes, "rpc.method")
+            == Some(&any_value::Value::StringValue(
+                "mesh.aggregator.v1.AggregatorService/GetMe".into(),
+            ))
+            && attr(&p.attributes, "rpc.response.status_code")
+                == Some(&any_value::Value::StringValue("UNAUTHENTICATED".into()))
+            && attr(&p.attributes, "rpc.system.name")
+                == Some(&any_value::Value::StringValue("grpc".into()))
+    };
+    let is_latest = |svc: &str, m: &Metric| {
+        svc == "aggregator"
+            && m.name == "rpc.server.call.duration"
+            && matches!(&m.data, Some(metric::Data::Histogram(h)) if h.data_points.iter().any(refused_get_me))
+    };
+    collector
+        .wait_for("an export with the refused GetMe", |r| {
+            r.metrics.iter().any(|(svc, m)| is_latest(svc, m))
         })
         .await;
     let metrics = collector.0.lock().expect("lock").metrics.clone();
     let (_, latest) = metrics
         .iter()
-        .rev()
-        .find(|(svc, m)| svc == "aggregator" && m.name == "rpc.server.duration")
+        .find(|(svc, m)| is_latest(svc, m))
         .expect("aggregator durations");
+    assert_eq!(latest.unit, "s", "durations in seconds");
     let Some(metric::Data::Histogram(histogram)) = &latest.data else {
-        panic!("rpc.server.duration is a histogram: {latest:?}");
+        panic!("rpc.server.call.duration is a histogram: {latest:?}");
     };
     let point = histogram
         .data_points
         .iter()
-        .find(|p| {
-            attr(&p.attributes, "rpc.method")
-                == Some(&any_value::Value::StringValue("GetMe".into()))
-                && attr(&p.attributes, "rpc.grpc.status_code")
-                    == Some(&any_value::Value::IntValue(16))
-        })
-        .expect("a GetMe series with code 16");
+        .find(|p| refused_get_me(p))
+        .expect("a GetMe series with UNAUTHENTICATED");
+    // Seconds: a loopback call is well under one.
+    assert!(point.sum.is_some_and(|s| s > 0.0 && s < 5.0), "{point:?}");
     assert_eq!(point.count, 1);
     assert_eq!(point.bucket_counts.iter().sum::<u64>(), 1);
     for (_, m) in &metrics {
@@ -519,6 +665,320 @@ async fn one_request_is_one_trace_across_all_three_services() {
         json["request_id"].as_str().is_some_and(|id| !id.is_empty()),
         "{line}"
     );
+}
+
+/// The trace id of a 32-digit hex string.
+fn trace_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex"))
+        .collect()
+}
+
+/// The same over OTLP/HTTP with protobuf bodies, the specification's default transport:
+/// SignUp sent with a caller's `traceparent` is one trace across the three services with the
+/// right parents, the store's own span among them; metrics and log records arrive too.
+#[tokio::test]
+async fn one_request_is_one_trace_over_otlp_http() {
+    let _machine = crate::common::process_test().await;
+    let (collector, url) = Collector::start_http().await;
+    let mesh = MeshUp::start_with("5s", &exporting_env_over(&url, "http/protobuf")).await;
+    let mut client = aggregator(mesh.addr("aggregator")).await;
+    let caller_trace = "6cf92f3577b34da6a3ce929d0e0e4738";
+    let caller_span = "20f067aa0ba902b9";
+    // The caller's baggage rides along.
+    let signed_up = try_sign_up(
+        &mut client,
+        "http-trace@example.com",
+        PASSWORD,
+        "Ada",
+        &[
+            (
+                headers::TRACEPARENT,
+                &format!("00-{caller_trace}-{caller_span}-01"),
+            ),
+            ("baggage", "tenant=acme%20corp,plan=free"),
+        ],
+    )
+    .await
+    .expect("sign up");
+    let token = signed_up.tokens.expect("tokens").access_token;
+    let trace = trace_bytes(caller_trace);
+    collector
+        .wait_for("SignUp's spans over OTLP/HTTP", |r| {
+            let services: std::collections::HashSet<_> = r
+                .spans
+                .iter()
+                .filter(|(_, s)| s.trace_id == trace)
+                .map(|(svc, _)| svc.as_str())
+                .collect();
+            services.len() == 3 && r.spans.iter().filter(|(_, s)| s.trace_id == trace).count() >= 6
+        })
+        .await;
+    let spans = collector.spans_of(&trace);
+    let root = find(
+        &spans,
+        "aggregator",
+        SpanKind::Server,
+        "mesh.aggregator.v1.AggregatorService/SignUp",
+    );
+    assert_eq!(hex(&root.parent_span_id), caller_span);
+    for (callee, name) in [
+        ("auth", "mesh.auth.v1.AuthService/Register"),
+        ("users", "mesh.users.v1.UserService/CreateUser"),
+    ] {
+        let client_span = find(&spans, "aggregator", SpanKind::Client, name);
+        assert_eq!(client_span.parent_span_id, root.span_id, "{name}");
+        let server_span = find(&spans, callee, SpanKind::Server, name);
+        assert_eq!(server_span.parent_span_id, client_span.span_id, "{name}");
+    }
+    assert_developer_span_and_logs(&collector, &trace, &spans).await;
+    // The caller's baggage reached auth's and users' spans, two hops away.
+    for (service, name) in [
+        ("auth", "mesh.auth.v1.AuthService/Register"),
+        ("users", "mesh.users.v1.UserService/CreateUser"),
+        ("users", "users.store.create"),
+    ] {
+        let span = spans
+            .iter()
+            .find(|(svc, s)| svc == service && s.name == name)
+            .map(|(_, s)| s)
+            .unwrap_or_else(|| panic!("no {name} span in {service}"));
+        assert_eq!(
+            attr_str(span, "baggage.tenant").as_deref(),
+            Some("acme corp"),
+            "{service} {name}"
+        );
+        assert_eq!(attr_str(span, "baggage.plan").as_deref(), Some("free"));
+    }
+
+    // A caller cannot make spans carry all it sends: 20 baggage entries of 300 bytes each
+    // (within what the propagator accepts) give each span at most 16 of them, each value cut
+    // to 256 bytes.
+    let flood_trace = "7cf92f3577b34da6a3ce929d0e0e4739";
+    let flood = (0..20)
+        .map(|i| format!("k{i:02}={}", "x".repeat(300)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut request = bearer(&token, GetMeRequest {});
+    request.metadata_mut().insert(
+        headers::TRACEPARENT,
+        format!("00-{flood_trace}-{caller_span}-01")
+            .parse()
+            .expect("traceparent"),
+    );
+    request
+        .metadata_mut()
+        .insert("baggage", flood.parse().expect("baggage"));
+    client.get_me(request).await.expect("get me");
+    let flood_trace = trace_bytes(flood_trace);
+    collector
+        .wait_for("GetMe's spans with the flood of baggage", |r| {
+            r.spans
+                .iter()
+                .filter(|(_, s)| s.trace_id == flood_trace && s.kind == SpanKind::Server as i32)
+                .count()
+                >= 3
+        })
+        .await;
+    for (service, span) in collector.spans_of(&flood_trace) {
+        let baggage: Vec<_> = span
+            .attributes
+            .iter()
+            .filter(|kv| kv.key.starts_with("baggage."))
+            .collect();
+        assert!(
+            !baggage.is_empty() && baggage.len() <= 16,
+            "{service} {}: {} baggage attributes",
+            span.name,
+            baggage.len()
+        );
+        assert!(
+            baggage
+                .iter()
+                .all(|kv| string(kv).is_some_and(|v| v.len() <= 256)),
+            "{service} {}: a baggage value over 256 bytes",
+            span.name
+        );
+    }
+    collector
+        .wait_for("metrics over OTLP/HTTP", |r| {
+            ["aggregator", "auth", "users"].iter().all(|svc| {
+                r.metrics
+                    .iter()
+                    .any(|(s, m)| s == svc && m.name == "rpc.server.call.duration")
+            })
+        })
+        .await;
+    drop(mesh);
+}
+
+/// In SignUp's trace (`trace`, its spans so far in `spans`): the span users' store makes with
+/// `#[tracing::instrument]` is the child of users' CreateUser server span, and auth's
+/// "registered" log record arrives with the trace's id and the span id of auth's Register span.
+async fn assert_developer_span_and_logs(
+    collector: &Collector,
+    trace: &[u8],
+    spans: &[(String, Span)],
+) {
+    let create = find(
+        spans,
+        "users",
+        SpanKind::Server,
+        "mesh.users.v1.UserService/CreateUser",
+    );
+    let stored = spans
+        .iter()
+        .find(|(svc, s)| svc == "users" && s.name == "users.store.create")
+        .map(|(_, s)| s)
+        .unwrap_or_else(|| panic!("no users.store.create span in SignUp's trace"));
+    assert_eq!(
+        stored.parent_span_id, create.span_id,
+        "the store's span is the child of the call's"
+    );
+    assert_eq!(stored.kind, SpanKind::Internal as i32);
+    let register = find(
+        spans,
+        "auth",
+        SpanKind::Server,
+        "mesh.auth.v1.AuthService/Register",
+    );
+    collector
+        .wait_for("auth's log record of SignUp", |r| {
+            r.logs.iter().any(|(svc, l)| {
+                svc == "auth"
+                    && l.trace_id == trace
+                    && format!("{:?}", l.body).contains("registered")
+            })
+        })
+        .await;
+    let received = collector.0.lock().expect("lock");
+    let (_, record) = received
+        .logs
+        .iter()
+        .find(|(svc, l)| {
+            svc == "auth" && l.trace_id == trace && format!("{:?}", l.body).contains("registered")
+        })
+        .expect("the record");
+    assert_eq!(
+        record.span_id, register.span_id,
+        "logged inside Register's span"
+    );
+}
+
+/// Parent-based ratio sampling across the three services
+/// (`OTEL_TRACES_SAMPLER=parentbased_traceidratio`, `_ARG=0.5`): the aggregator decides for
+/// each new trace, auth and users follow its `traceparent`, so every trace is either whole
+/// across the services or absent from all of them — and about half are kept.
+#[tokio::test]
+async fn ratio_sampling_keeps_each_trace_whole_or_not_at_all() {
+    let _machine = crate::common::process_test().await;
+    let (collector, url) = Collector::start().await;
+    let mut env = exporting_env(&url);
+    env.push(("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".into()));
+    env.push(("OTEL_TRACES_SAMPLER_ARG", "0.5".into()));
+    let mesh = MeshUp::start_with("5s", &env).await;
+    let mut client = aggregator(mesh.addr("aggregator")).await;
+    let token = try_sign_up(&mut client, "sampled@example.com", PASSWORD, "Ada", &[])
+        .await
+        .expect("sign up")
+        .tokens
+        .expect("tokens")
+        .access_token;
+    const CALLS: usize = 60;
+    for _ in 0..CALLS {
+        client
+            .get_me(bearer(&token, GetMeRequest {}))
+            .await
+            .expect("get me");
+    }
+    // A last call the caller marks sampled: once its spans are in from all three services,
+    // every earlier span has been exported too (each service exports in order).
+    let marker = "5cf92f3577b34da6a3ce929d0e0e4735";
+    let mut request = bearer(&token, GetMeRequest {});
+    request.metadata_mut().insert(
+        headers::TRACEPARENT,
+        format!("00-{marker}-00f067aa0ba902b7-01")
+            .parse()
+            .expect("traceparent"),
+    );
+    client.get_me(request).await.expect("get me");
+    let marker = trace_bytes(marker);
+    collector
+        .wait_for("the marked GetMe from all three services", |r| {
+            let services: std::collections::HashSet<_> = r
+                .spans
+                .iter()
+                .filter(|(_, s)| s.trace_id == marker && s.kind == SpanKind::Server as i32)
+                .map(|(svc, _)| svc.as_str())
+                .collect();
+            services.len() == 3
+        })
+        .await;
+    let received = collector.0.lock().expect("lock").spans.clone();
+    let mut traces: std::collections::BTreeMap<Vec<u8>, Vec<(String, Span)>> =
+        std::collections::BTreeMap::new();
+    for (service, span) in received {
+        traces
+            .entry(span.trace_id.clone())
+            .or_default()
+            .push((service, span));
+    }
+    let marker_parent = trace_bytes("00f067aa0ba902b7");
+    let mut kept_get_me = 0;
+    for (trace, spans) in &traces {
+        // The test's calls (the services' own long-lived streams end on their own time).
+        if !spans
+            .iter()
+            .any(|(_, s)| s.name.starts_with("mesh.aggregator.v1.AggregatorService/"))
+        {
+            continue;
+        }
+        // Whole: every span's parent is in the trace too (but the marked call's, the caller's),
+        // and every call a service made is answered by the callee's server span, its child.
+        let ids: std::collections::HashSet<&[u8]> =
+            spans.iter().map(|(_, s)| s.span_id.as_slice()).collect();
+        for (service, span) in spans {
+            assert!(
+                span.parent_span_id.is_empty()
+                    || ids.contains(span.parent_span_id.as_slice())
+                    || (*trace == marker && span.parent_span_id == marker_parent),
+                "trace {}: {service}'s {} lost its parent: a trace cut in two",
+                hex(trace),
+                span.name
+            );
+            if span.kind == SpanKind::Client as i32 {
+                assert!(
+                    spans.iter().any(|(svc, s)| svc != service
+                        && s.kind == SpanKind::Server as i32
+                        && s.parent_span_id == span.span_id),
+                    "trace {}: {service}'s call {} has no server span downstream: a trace cut in two",
+                    hex(trace),
+                    span.name
+                );
+            }
+        }
+        let get_me_root = spans.iter().any(|(svc, s)| {
+            svc == "aggregator" && s.name.ends_with("/GetMe") && s.parent_span_id.is_empty()
+        });
+        if get_me_root {
+            let services: std::collections::HashSet<_> =
+                spans.iter().map(|(svc, _)| svc.as_str()).collect();
+            assert_eq!(
+                services.len(),
+                3,
+                "trace {}: GetMe not across all three",
+                hex(trace)
+            );
+            kept_get_me += 1;
+        }
+    }
+    // Each of the 60 is kept with probability one half: all or none would be a sampler
+    // that ignores the ratio (a chance of 2 in 2^60 otherwise).
+    assert!(
+        kept_get_me > 0 && kept_get_me < CALLS,
+        "{kept_get_me} of {CALLS} GetMe traces kept at a ratio of 0.5"
+    );
+    drop(mesh);
 }
 
 /// A gRPC-Web call (HTTP/1.1, as a browser sends it) is one trace across the three services
@@ -571,7 +1031,10 @@ async fn a_grpc_web_call_is_one_trace_too() {
         caller_span,
         "child of the caller's span"
     );
-    assert_eq!(attr_int(root, "rpc.grpc.status_code"), Some(0));
+    assert_eq!(
+        attr_str(root, "rpc.response.status_code").as_deref(),
+        Some("OK")
+    );
     for (callee, name) in [
         ("auth", "mesh.auth.v1.AuthService/Register"),
         ("users", "mesh.users.v1.UserService/CreateUser"),
@@ -604,6 +1067,7 @@ async fn a_dead_collector_costs_dropped_spans_not_memory() {
     });
     let env = vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{hole_addr}")),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
         ("OTEL_BSP_MAX_QUEUE_SIZE", "256".into()),
         ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "64".into()),
         ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),

@@ -1,0 +1,502 @@
+//! The OpenTelemetry SDK pipeline of a service: which signals go out over which OTLP transport,
+//! the propagators, and the process's log subscriber with the SDK's layers in it.
+//!
+//! - Configuration is the standard variables only. The mesh reads which signals are on
+//!   (`OTEL_SDK_DISABLED`, `OTEL_{TRACES,METRICS,LOGS}_EXPORTER=none`, an endpoint in
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` or the per-signal one) and their protocol
+//!   (`OTEL_EXPORTER_OTLP[_<SIGNAL>]_PROTOCOL`: `http/protobuf`, the specification's default,
+//!   or `grpc`), and the propagators (`OTEL_PROPAGATORS`, default `tracecontext,baggage`).
+//!   The SDK and its exporter read the rest themselves: headers, timeouts, the sampler
+//!   (`OTEL_TRACES_SAMPLER`/`_ARG`), the batch queue (`OTEL_BSP_*`, `OTEL_BLRP_*`), the metric
+//!   interval, the resource (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`).
+//! - No endpoint: nothing is exported and nothing complains.
+//! - The SDK's batch processors run on threads of their own with bounded queues: a dead or slow
+//!   collector costs dropped telemetry, never memory or a request's time.
+//!
+//! Where the SDK falls short, the mesh fills in:
+//! - OTLP over HTTP: the exporter's own HTTP clients are reqwest (a second HTTP client stack)
+//!   or a hyper client that must be called inside a Tokio runtime, which the SDK's export
+//!   threads are not. `RuntimeHttpClient` runs that hyper client on the service's runtime.
+//! - `https://` endpoints are refused with a warning: the tree's TLS has no system trust
+//!   store, and the hyper client no TLS at all.
+
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use opentelemetry::propagation::{TextMapCompositePropagator, TextMapPropagator};
+use opentelemetry_http::{HeaderExtractor, HeaderInjector, HttpClient, HttpError};
+use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry_sdk::{
+    Resource,
+    logs::SdkLoggerProvider,
+    metrics::SdkMeterProvider,
+    propagation::{BaggagePropagator, TraceContextPropagator},
+    trace::SdkTracerProvider,
+};
+
+/// Whether call spans are OpenTelemetry spans (the process exports traces).
+static TRACES: AtomicBool = AtomicBool::new(false);
+/// Whether RPC durations are recorded (the process exports metrics).
+static METRICS: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn traces_on() -> bool {
+    TRACES.load(Ordering::Relaxed)
+}
+
+pub(crate) fn metrics_on() -> bool {
+    METRICS.load(Ordering::Relaxed)
+}
+
+/// An OTLP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// OTLP/gRPC (port 4317 by convention).
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (port 4318), the specification's default.
+    HttpProtobuf,
+}
+
+/// One of the propagators `OTEL_PROPAGATORS` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Propagator {
+    /// W3C `traceparent` and `tracestate`.
+    TraceContext,
+    /// W3C `baggage`.
+    Baggage,
+}
+
+/// What the environment asks of telemetry export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signals {
+    /// How spans go out; `None`: not exported.
+    pub traces: Option<Protocol>,
+    /// How metrics go out; `None`: not exported.
+    pub metrics: Option<Protocol>,
+    /// How log records go out; `None`: not exported.
+    pub logs: Option<Protocol>,
+    /// The propagators, in order (`OTEL_PROPAGATORS`; `none` gives none).
+    pub propagators: Vec<Propagator>,
+    /// What was wrong with the variables, logged once the subscriber is in place.
+    pub problems: Vec<String>,
+}
+
+impl Signals {
+    /// The settings from the process environment.
+    pub fn from_env() -> Self {
+        Self::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    /// The settings from `lookup` (a variable's value by name), so that tests need not touch
+    /// the process environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Self {
+        let get = |key: &str| {
+            lookup(key)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let mut problems = Vec::new();
+        let disabled = get("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let mut signal = |name: &str| -> Option<Protocol> {
+            if disabled {
+                return None;
+            }
+            let exporter = format!("OTEL_{name}_EXPORTER");
+            match get(&exporter).as_deref() {
+                None | Some("otlp") => {}
+                Some("none") => return None,
+                Some(other) => {
+                    problems.push(format!(
+                        "{exporter}=`{other}`: only `otlp` and `none` are supported; not exporting"
+                    ));
+                    return None;
+                }
+            }
+            let url = get(&format!("OTEL_EXPORTER_OTLP_{name}_ENDPOINT"))
+                .or_else(|| get("OTEL_EXPORTER_OTLP_ENDPOINT"))?;
+            if url.starts_with("https://") {
+                problems.push(format!(
+                    "OTLP endpoint `{url}`: https:// is not supported; use a local collector over http:// (not exporting)"
+                ));
+                return None;
+            }
+            if !url.starts_with("http://") {
+                problems.push(format!(
+                    "OTLP endpoint `{url}` is not an http:// URL; not exporting"
+                ));
+                return None;
+            }
+            let protocol = get(&format!("OTEL_EXPORTER_OTLP_{name}_PROTOCOL"))
+                .or_else(|| get("OTEL_EXPORTER_OTLP_PROTOCOL"));
+            match protocol.as_deref() {
+                None | Some("http/protobuf") => Some(Protocol::HttpProtobuf),
+                Some("grpc") => Some(Protocol::Grpc),
+                Some(other) => {
+                    problems.push(format!(
+                        "OTLP protocol `{other}` is not supported (`grpc` or `http/protobuf`); not exporting"
+                    ));
+                    None
+                }
+            }
+        };
+        let traces = signal("TRACES");
+        let metrics = signal("METRICS");
+        let logs = signal("LOGS");
+        let mut propagators = Vec::new();
+        let list = get("OTEL_PROPAGATORS").unwrap_or_else(|| "tracecontext,baggage".into());
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let propagator = match name {
+                "tracecontext" => Propagator::TraceContext,
+                "baggage" => Propagator::Baggage,
+                "none" => continue,
+                other => {
+                    problems.push(format!(
+                        "OTEL_PROPAGATORS: `{other}` is not supported (`tracecontext`, `baggage`, `none`)"
+                    ));
+                    continue;
+                }
+            };
+            if !propagators.contains(&propagator) {
+                propagators.push(propagator);
+            }
+        }
+        Self {
+            traces,
+            metrics,
+            logs,
+            propagators,
+            problems,
+        }
+    }
+}
+
+/// The process's propagator, set once by [`crate::Telemetry::start`] (W3C trace context and
+/// baggage until then).
+fn propagator() -> &'static TextMapCompositePropagator {
+    PROPAGATOR.get_or_init(|| composite(&[Propagator::TraceContext, Propagator::Baggage]))
+}
+
+static PROPAGATOR: std::sync::OnceLock<TextMapCompositePropagator> = std::sync::OnceLock::new();
+
+fn composite(list: &[Propagator]) -> TextMapCompositePropagator {
+    let propagators: Vec<Box<dyn TextMapPropagator + Send + Sync>> = list
+        .iter()
+        .map(|p| -> Box<dyn TextMapPropagator + Send + Sync> {
+            match p {
+                Propagator::TraceContext => Box::new(TraceContextPropagator::new()),
+                Propagator::Baggage => Box::new(BaggagePropagator::new()),
+            }
+        })
+        .collect();
+    TextMapCompositePropagator::new(propagators)
+}
+
+/// The caller's trace context and baggage from a request's metadata (empty when absent or
+/// malformed: the call then starts a new trace).
+pub fn extract(headers: &http::HeaderMap) -> opentelemetry::Context {
+    propagator().extract(&HeaderExtractor(headers))
+}
+
+/// Writes `cx` into an outgoing request's metadata.
+pub fn inject(cx: &opentelemetry::Context, headers: &mut http::HeaderMap) {
+    propagator().inject_context(cx, &mut HeaderInjector(headers));
+}
+
+/// The SDK's providers of one process, for the signals that are exported.
+#[derive(Debug, Default)]
+pub(crate) struct Providers {
+    pub(crate) tracer: Option<SdkTracerProvider>,
+    pub(crate) meter: Option<SdkMeterProvider>,
+    pub(crate) logger: Option<SdkLoggerProvider>,
+}
+
+/// `service.name`: the environment's when it names one, else `service`.
+fn resource(service: &str) -> Resource {
+    let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.trim().is_empty())
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| {
+            v.split(',')
+                .any(|pair| pair.split('=').next().map(str::trim) == Some("service.name"))
+        });
+    let builder = Resource::builder();
+    if named {
+        builder.build()
+    } else {
+        builder.with_service_name(service.to_owned()).build()
+    }
+}
+
+/// The export timeout of the HTTP client (`OTEL_EXPORTER_OTLP_TIMEOUT`, 10 s).
+fn http_timeout() -> Duration {
+    std::env::var("OTEL_EXPORTER_OTLP_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map_or(Duration::from_secs(10), Duration::from_millis)
+}
+
+/// opentelemetry-http's hyper client, run on the service's Tokio runtime: the SDK's export
+/// threads call it from outside any runtime, where hyper cannot spawn its connections.
+#[derive(Debug, Clone)]
+pub(crate) struct RuntimeHttpClient {
+    runtime: tokio::runtime::Handle,
+    client: opentelemetry_http::hyper::HyperClient,
+}
+
+impl RuntimeHttpClient {
+    fn new(runtime: tokio::runtime::Handle) -> Self {
+        Self {
+            runtime,
+            client: opentelemetry_http::hyper::HyperClient::with_default_connector(
+                http_timeout(),
+                None,
+            ),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl HttpClient for RuntimeHttpClient {
+    async fn send_bytes(
+        &self,
+        request: http::Request<Bytes>,
+    ) -> Result<http::Response<Bytes>, HttpError> {
+        let client = self.client.clone();
+        self.runtime
+            .spawn(async move { client.send_bytes(request).await })
+            .await?
+    }
+}
+
+/// Copies the baggage a span starts with into its attributes (`baggage.<key>`), so that what a
+/// caller set in `baggage` shows on every span of the request in every service. The caller
+/// controls it, so at most [`BAGGAGE_ATTRIBUTES`] entries are copied, each value cut to
+/// [`BAGGAGE_VALUE_BYTES`] (the propagator already refuses a header over 8,192 bytes or 180
+/// entries).
+#[derive(Debug)]
+pub(crate) struct BaggageAttributes;
+
+/// Baggage entries copied onto one span at most.
+pub(crate) const BAGGAGE_ATTRIBUTES: usize = 16;
+/// Bytes of one baggage value copied at most.
+pub(crate) const BAGGAGE_VALUE_BYTES: usize = 256;
+
+impl opentelemetry_sdk::trace::SpanProcessor for BaggageAttributes {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &opentelemetry::Context) {
+        use opentelemetry::{baggage::BaggageExt as _, trace::Span as _};
+        for (key, (value, _)) in cx.baggage().iter().take(BAGGAGE_ATTRIBUTES) {
+            let value = value.as_str();
+            let mut end = value.len().min(BAGGAGE_VALUE_BYTES);
+            while !value.is_char_boundary(end) {
+                end -= 1;
+            }
+            span.set_attribute(opentelemetry::KeyValue::new(
+                format!("baggage.{}", key.as_str()),
+                value[..end].to_owned(),
+            ));
+        }
+    }
+
+    fn on_end(&self, _span: opentelemetry_sdk::trace::SpanData) {}
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        Ok(())
+    }
+}
+
+/// Builds the exporters and providers `signals` asks for. Must run inside a Tokio runtime
+/// (the gRPC transport's channel and the HTTP client live on it). A provider whose exporter
+/// cannot be built is left out, with the reason in `problems`.
+pub(crate) fn providers(service: &str, signals: &Signals, problems: &mut Vec<String>) -> Providers {
+    let runtime = tokio::runtime::Handle::current();
+    let resource = resource(service);
+    let http = || RuntimeHttpClient::new(runtime.clone());
+    let mut providers = Providers::default();
+    if let Some(protocol) = signals.traces {
+        let exporter = match protocol {
+            Protocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build(),
+            Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_http_client(http())
+                .build(),
+        };
+        match exporter {
+            Ok(exporter) => {
+                providers.tracer = Some(
+                    SdkTracerProvider::builder()
+                        .with_span_processor(BaggageAttributes)
+                        .with_batch_exporter(exporter)
+                        .with_resource(resource.clone())
+                        .build(),
+                );
+            }
+            Err(err) => problems.push(format!("cannot export spans: {err}")),
+        }
+    }
+    if let Some(protocol) = signals.metrics {
+        let exporter = match protocol {
+            Protocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .build(),
+            Protocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_http_client(http())
+                .build(),
+        };
+        match exporter {
+            Ok(exporter) => {
+                providers.meter = Some(
+                    SdkMeterProvider::builder()
+                        .with_periodic_exporter(exporter)
+                        .with_resource(resource.clone())
+                        .build(),
+                );
+            }
+            Err(err) => problems.push(format!("cannot export metrics: {err}")),
+        }
+    }
+    if let Some(protocol) = signals.logs {
+        let exporter = match protocol {
+            Protocol::Grpc => opentelemetry_otlp::LogExporter::builder()
+                .with_tonic()
+                .build(),
+            Protocol::HttpProtobuf => opentelemetry_otlp::LogExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_http_client(http())
+                .build(),
+        };
+        match exporter {
+            Ok(exporter) => {
+                providers.logger = Some(
+                    SdkLoggerProvider::builder()
+                        .with_batch_exporter(exporter)
+                        .with_resource(resource)
+                        .build(),
+                );
+            }
+            Err(err) => problems.push(format!("cannot export logs: {err}")),
+        }
+    }
+    providers
+}
+
+/// Sets the process's propagators (once; later calls keep the first).
+pub(crate) fn set_propagators(list: &[Propagator]) {
+    let _ = PROPAGATOR.set(composite(list));
+}
+
+/// Marks which signals the installed subscriber and meter provider carry.
+pub(crate) fn mark(traces: bool, metrics: bool) {
+    TRACES.store(traces, Ordering::Relaxed);
+    METRICS.store(metrics, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signals(vars: &[(&str, &str)]) -> Signals {
+        Signals::from_lookup(|key| {
+            vars.iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| (*v).to_owned())
+        })
+    }
+
+    /// No endpoint: nothing is exported and nothing complains.
+    #[test]
+    fn no_endpoint_exports_nothing() {
+        let s = signals(&[]);
+        assert_eq!((s.traces, s.metrics, s.logs), (None, None, None));
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+        assert_eq!(
+            s.propagators,
+            [Propagator::TraceContext, Propagator::Baggage]
+        );
+    }
+
+    /// The protocol defaults to http/protobuf, per signal overrides apply, `none` and
+    /// `OTEL_SDK_DISABLED` turn signals off, and bad values are reported, never echoing headers.
+    #[test]
+    fn signals_follow_the_standard_variables() {
+        let s = signals(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+            ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "grpc"),
+            ("OTEL_LOGS_EXPORTER", "none"),
+        ]);
+        assert_eq!(s.traces, Some(Protocol::HttpProtobuf));
+        assert_eq!(s.metrics, Some(Protocol::Grpc));
+        assert_eq!(s.logs, None);
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+
+        let s = signals(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+            ("OTEL_SDK_DISABLED", "TRUE"),
+        ]);
+        assert_eq!((s.traces, s.metrics, s.logs), (None, None, None));
+
+        let s = signals(&[
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "https://vendor.example:443",
+            ),
+            ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "collector:4317"),
+            ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "http://collector:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ("OTEL_PROPAGATORS", "b3,baggage,baggage"),
+        ]);
+        assert_eq!((s.traces, s.metrics, s.logs), (None, None, None));
+        assert_eq!(s.propagators, [Propagator::Baggage]);
+        let text = s.problems.join("\n");
+        for expected in ["https://", "collector:4317", "http/json", "b3"] {
+            assert!(text.contains(expected), "{expected} in {text}");
+        }
+        assert!(
+            signals(&[("OTEL_PROPAGATORS", "none")])
+                .propagators
+                .is_empty()
+        );
+    }
+
+    /// W3C trace context and baggage come in and go out unchanged.
+    #[test]
+    fn trace_context_and_baggage_round_trip() {
+        use opentelemetry::{baggage::BaggageExt as _, trace::TraceContextExt as _};
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "traceparent",
+            http::HeaderValue::from_static(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+        );
+        headers.insert("baggage", http::HeaderValue::from_static("tenant=acme"));
+        let cx = extract(&headers);
+        assert_eq!(
+            cx.span().span_context().trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(
+            cx.baggage().get("tenant").map(|v| v.as_str().to_owned()),
+            Some("acme".into())
+        );
+        let mut out = http::HeaderMap::new();
+        inject(&cx, &mut out);
+        assert_eq!(out.get("traceparent"), headers.get("traceparent"));
+        assert_eq!(out.get("baggage"), headers.get("baggage"));
+
+        // A malformed traceparent starts a new trace.
+        let mut bad = http::HeaderMap::new();
+        bad.insert("traceparent", http::HeaderValue::from_static("00-zz-yy-01"));
+        assert!(!extract(&bad).span().span_context().is_valid());
+    }
+}
