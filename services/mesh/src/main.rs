@@ -10,6 +10,7 @@
 #[cfg(feature = "bench")]
 mod bench;
 mod console;
+mod traces;
 mod up;
 
 /// jemalloc gives memory back to the system once a burst is over (its background thread

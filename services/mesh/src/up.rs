@@ -105,6 +105,13 @@ pub(crate) struct UpArgs {
     #[arg(long, env = "MESH_UP_NO_CONSOLE")]
     no_console: bool,
 
+    /// Receive the services' traces in `mesh up` itself: print each finished trace as a
+    /// waterfall (one line per span, indented under its parent) and append it to
+    /// `<data-dir>/traces.jsonl` as OTLP JSON. Overrides the traces endpoint of the
+    /// `OTEL_*` variables; metrics and logs still go where those say.
+    #[arg(long, env = "MESH_UP_TRACES")]
+    traces: bool,
+
     /// Settings passed to every service.
     #[command(flatten)]
     server: ServerConfig,
@@ -176,6 +183,9 @@ pub(crate) enum UpError {
     /// No random secret could be made for the aggregator's service identity.
     #[error("cannot make a service-client secret: {0}")]
     Secret(String),
+    /// The trace receiver of `--traces` could not be started.
+    #[error("cannot receive traces (--traces)")]
+    Traces(#[source] io::Error),
     /// The console's address could not be bound.
     #[error(
         "cannot serve the console on {addr} (another program has it? --console-listen or --no-console)"
@@ -296,6 +306,15 @@ pub(crate) async fn run(args: UpArgs, log_format: LogFormat) -> Result<(), UpErr
             origins
         })
         .unwrap_or_default();
+    let waterfall = if args.traces {
+        Some(
+            crate::traces::Waterfall::start(&args.data_dir)
+                .await
+                .map_err(UpError::Traces)?,
+        )
+    } else {
+        None
+    };
     let mut services = Vec::with_capacity(plan.len());
     for (name, addr) in plan {
         let launch = Launch {
@@ -305,6 +324,7 @@ pub(crate) async fn run(args: UpArgs, log_format: LogFormat) -> Result<(), UpErr
             secret: &secret,
             pki: pki.as_ref(),
             cors_origins: &origins,
+            traces: waterfall.as_ref().map(crate::traces::Waterfall::endpoint),
         };
         match spawn(&launch, name, addr) {
             Ok(service) => services.push(service),
@@ -407,6 +427,8 @@ struct Launch<'a> {
     pki: Option<&'a DevPki>,
     /// The console's origins, which the aggregator allows.
     cors_origins: &'a [String],
+    /// Where traces go (`--traces`): the launcher's own OTLP/gRPC receiver.
+    traces: Option<&'a str>,
 }
 
 fn spawn(launch: &Launch<'_>, name: &'static str, addr: SocketAddr) -> Result<Service, UpError> {
@@ -417,6 +439,7 @@ fn spawn(launch: &Launch<'_>, name: &'static str, addr: SocketAddr) -> Result<Se
         secret,
         pki,
         cors_origins,
+        traces,
     } = launch;
     let mut server = args.server.clone();
     let mut client = ClientTlsConfig::default();
@@ -484,6 +507,17 @@ fn spawn(launch: &Launch<'_>, name: &'static str, addr: SocketAddr) -> Result<Se
                 .env("MESH_AGGREGATOR_CLIENT_SECRET", &secret.secret);
         }
         _ => {}
+    }
+    if let Some(endpoint) = traces {
+        command
+            .env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint)
+            .env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")
+            .env("OTEL_TRACES_EXPORTER", "otlp")
+            .env_remove("OTEL_SDK_DISABLED");
+        // A waterfall soon after the call, unless the environment says otherwise.
+        if std::env::var_os("OTEL_BSP_SCHEDULE_DELAY").is_none() {
+            command.env("OTEL_BSP_SCHEDULE_DELAY", "200");
+        }
     }
     // Text logs get the service's name in front of every line; JSON lines stay valid JSON.
     if log_format == LogFormat::Text {
@@ -642,6 +676,15 @@ impl Drop for AbortOnDrop {
 
 fn print_banner(args: &UpArgs, pki: Option<&DevPki>, console: Option<&str>) {
     let agg = args.aggregator_listen;
+    let traces = if args.traces {
+        format!(
+            "\nTraces: each finished trace is printed here as a waterfall and appended to {} \
+             (OTLP JSON, one trace per line)\n",
+            args.data_dir.join("traces.jsonl").display()
+        )
+    } else {
+        String::new()
+    };
     let (how, call) = match pki {
         None => ("plaintext".to_owned(), "-plaintext".to_owned()),
         Some(pki) => (
@@ -670,7 +713,7 @@ fn print_banner(args: &UpArgs, pki: Option<&DevPki>, console: Option<&str>) {
          \n  aggregator  {agg}  (the public facade)\
          \n  auth        {}\
          \n  users       {}\n\
-         {console}\
+         {console}{traces}\
          \nCall it with grpcurl ({how}; reflection and health on every port):\
          \n  grpcurl {call} {agg} list\
          \n  grpcurl {call} {agg} describe mesh.aggregator.v1.AggregatorService\

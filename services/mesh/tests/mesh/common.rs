@@ -34,6 +34,8 @@ pub(crate) struct MeshUp {
     _data: tempfile::TempDir,
     pub(crate) addrs: Vec<(&'static str, &'static str, SocketAddr)>,
     pub(crate) stderr: mpsc::UnboundedReceiver<String>,
+    /// What `mesh up` prints on standard output after its banner, line by line.
+    pub(crate) stdout: mpsc::UnboundedReceiver<String>,
     /// What `mesh up` printed once the mesh was up.
     pub(crate) banner: String,
 }
@@ -150,14 +152,25 @@ impl MeshUp {
                 "banner names {addr}:\n{banner}"
             );
         }
-        tokio::spawn(async move { while let Ok(Some(_)) = out_lines.next_line().await {} });
+        let (out_tx, stdout) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = out_lines.next_line().await {
+                let _ = out_tx.send(line);
+            }
+        });
         Ok(Self {
             child,
             _data: data,
             addrs,
             stderr,
+            stdout,
             banner,
         })
+    }
+
+    /// The data folder `mesh up` was given.
+    pub(crate) fn data_dir(&self) -> &std::path::Path {
+        self._data.path()
     }
 
     /// The development certificates of `mesh up --tls`: `ca.pem`, and `<service>.pem` with

@@ -981,6 +981,134 @@ async fn ratio_sampling_keeps_each_trace_whole_or_not_at_all() {
     drop(mesh);
 }
 
+/// `mesh up --traces`: the launcher receives the services' traces itself and prints each
+/// finished one as a waterfall. GetMe's two downstream calls (users' GetUser, auth's
+/// ListSessions) are made at once, so their lines overlap in time; each callee's server span
+/// is indented under the call; the trace is appended to `<data-dir>/traces.jsonl` as OTLP
+/// JSON.
+#[tokio::test]
+async fn mesh_up_traces_prints_get_me_as_a_waterfall() {
+    let _machine = crate::common::process_test().await;
+    let mut mesh = MeshUp::start_args("5s", &[], &["--traces"]).await;
+    assert!(mesh.banner.contains("traces.jsonl"), "{}", mesh.banner);
+    let mut client = aggregator(mesh.addr("aggregator")).await;
+    let token = try_sign_up(&mut client, "waterfall@example.com", PASSWORD, "Ada", &[])
+        .await
+        .expect("sign up")
+        .tokens
+        .expect("tokens")
+        .access_token;
+    let trace = "8cf92f3577b34da6a3ce929d0e0e473a";
+    let mut request = bearer(&token, GetMeRequest {});
+    request.metadata_mut().insert(
+        headers::TRACEPARENT,
+        format!("00-{trace}-00f067aa0ba902b7-01")
+            .parse()
+            .expect("traceparent"),
+    );
+    client.get_me(request).await.expect("get me");
+
+    // The waterfall: a header line naming the trace, then one line per span, until a blank.
+    let waterfall = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let line = mesh.stdout.recv().await.expect("mesh up's output");
+            if line.starts_with(&format!("trace {trace}")) {
+                let mut lines = vec![line];
+                while let Some(line) = mesh.stdout.recv().await {
+                    if line.trim().is_empty() {
+                        return lines;
+                    }
+                    lines.push(line);
+                }
+                return lines;
+            }
+        }
+    })
+    .await
+    .expect("GetMe's waterfall within 20 s");
+    let text = waterfall.join("\n");
+    println!("{text}");
+    // start offset, duration, status, indentation of the tree column
+    let row = |needle: &str| -> (f64, f64, String, usize) {
+        let line = waterfall
+            .iter()
+            .find(|l| l.ends_with(needle))
+            .unwrap_or_else(|| panic!("no line for {needle}:\n{text}"));
+        let mut fields = line.split_whitespace();
+        let start: f64 = fields.next().and_then(|f| f.parse().ok()).expect("start");
+        let took: f64 = fields
+            .next()
+            .and_then(|f| f.parse().ok())
+            .expect("duration");
+        let status = fields.next().expect("status").to_owned();
+        // The tree column starts after the bar; its indentation is the depth.
+        let bar_end = line.rfind('·').max(line.rfind('█')).expect("bar");
+        let tree = &line[bar_end..];
+        let tree = &tree[tree.char_indices().nth(1).map_or(0, |(i, _)| i)..];
+        let depth = (tree.len() - tree.trim_start().len() - 2) / 2;
+        (start, took, status, depth)
+    };
+    let (root_start, root_took, root_status, root_depth) =
+        row("aggregator mesh.aggregator.v1.AggregatorService/GetMe");
+    assert_eq!(
+        (root_start, root_status.as_str(), root_depth),
+        (0.0, "OK", 0),
+        "{text}"
+    );
+    let users = row("aggregator → mesh.users.v1.UserService/GetUser");
+    let auth = row("aggregator → mesh.auth.v1.AuthService/ListSessions");
+    for (start, took, status, depth) in [&users, &auth] {
+        assert_eq!((status.as_str(), *depth), ("OK", 1), "{text}");
+        assert!(*start >= 0.0 && start + took <= root_took + 0.001, "{text}");
+    }
+    // The two downstream calls overlap in time: each starts before the other ends.
+    assert!(
+        users.0 < auth.0 + auth.1 && auth.0 < users.0 + users.1,
+        "GetUser and ListSessions do not overlap:\n{text}"
+    );
+    for server in [
+        "users mesh.users.v1.UserService/GetUser",
+        "auth mesh.auth.v1.AuthService/ListSessions",
+    ] {
+        let (_, _, status, depth) = row(server);
+        assert_eq!((status.as_str(), depth), ("OK", 2), "{server}:\n{text}");
+    }
+
+    // The same trace in the data folder, in OTLP's JSON encoding.
+    let file = mesh.data_dir().join("traces.jsonl");
+    let lines = std::fs::read_to_string(&file).expect("traces.jsonl");
+    let exported: serde_json::Value = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("one JSON object per line"))
+        .find(|v| v.to_string().contains(trace))
+        .expect("GetMe's trace in traces.jsonl");
+    let resource_spans = exported["resourceSpans"].as_array().expect("resourceSpans");
+    let services: std::collections::HashSet<String> = resource_spans
+        .iter()
+        .flat_map(|rs| {
+            rs["resource"]["attributes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+        })
+        .filter(|kv| kv["key"] == "service.name")
+        .filter_map(|kv| kv["value"]["stringValue"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(services.len(), 3, "{services:?}");
+    let spans: Vec<&serde_json::Value> = resource_spans
+        .iter()
+        .flat_map(|rs| rs["scopeSpans"].as_array().into_iter().flatten())
+        .flat_map(|ss| ss["spans"].as_array().into_iter().flatten())
+        .collect();
+    assert!(spans.iter().all(|s| s["traceId"] == trace), "{exported}");
+    assert_eq!(
+        spans.len(),
+        waterfall.len() - 2,
+        "every span of the waterfall"
+    );
+    drop(mesh);
+}
+
 /// A gRPC-Web call (HTTP/1.1, as a browser sends it) is one trace across the three services
 /// too: the aggregator's server span is the child of the caller's `traceparent`, and auth's and
 /// users' server spans are children of the aggregator's client spans.

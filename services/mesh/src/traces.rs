@@ -1,0 +1,460 @@
+//! `mesh up --traces`: traces on a laptop with no collector and no trace viewer.
+//!
+//! The launcher runs an OTLP/gRPC trace receiver on a loopback port and points the three
+//! services' trace export at it. Each finished trace is printed as a waterfall, one line per
+//! span indented under its parent (start offset, duration, status, a bar on the trace's time
+//! line, service, name), and appended to `<data-dir>/traces.jsonl` in OTLP's JSON encoding,
+//! one `ExportTraceServiceRequest` per line (what the OpenTelemetry Collector's file exporter
+//! writes and its `otlpjsonfile` receiver reads).
+//!
+//! A trace is finished once its root span has arrived and nothing more of it for
+//! [`QUIET`]; a trace whose root never comes (a caller's span that is not the mesh's) is
+//! printed after [`LINGER`]. At most [`MAX_TRACES`] traces of [`MAX_SPANS`] spans each are
+//! held: beyond that spans are dropped and counted, so a flood of calls cannot grow the
+//! launcher's memory.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt::Write as _,
+    io::Write as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
+    resource::v1::Resource,
+    trace::v1::{Span, span::SpanKind, status::StatusCode},
+};
+use serde_json::{Value, json};
+
+/// How long a trace must have been quiet, its root in, before it is printed.
+pub(crate) const QUIET: Duration = Duration::from_millis(700);
+/// How long a trace without a root is waited for.
+pub(crate) const LINGER: Duration = Duration::from_secs(30);
+/// Traces held at most while they finish.
+pub(crate) const MAX_TRACES: usize = 10_000;
+/// Spans held at most of one trace.
+pub(crate) const MAX_SPANS: usize = 1_000;
+/// Width of the time-line bar, in characters.
+const BAR: usize = 24;
+
+/// One span as received, with the resource and scope it came with.
+#[derive(Clone)]
+struct Received {
+    service: String,
+    resource: Arc<Resource>,
+    scope: Arc<InstrumentationScope>,
+    span: Span,
+}
+
+struct Pending {
+    spans: Vec<Received>,
+    last: Instant,
+    first: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    traces: HashMap<Vec<u8>, Pending>,
+    dropped: u64,
+}
+
+/// The receiver, shared by the gRPC service and the task that prints.
+#[derive(Clone)]
+struct Receiver {
+    state: Arc<Mutex<State>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let now = Instant::now();
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| tonic::Status::internal("receiver state"))?;
+        for rs in request.into_inner().resource_spans {
+            let resource = Arc::new(rs.resource.unwrap_or_default());
+            let service = service_name(&resource.attributes);
+            for ss in rs.scope_spans {
+                let scope = Arc::new(ss.scope.unwrap_or_default());
+                for span in ss.spans {
+                    let full = state.traces.len() >= MAX_TRACES;
+                    let State { traces, dropped } = &mut *state;
+                    let pending = match traces.get_mut(&span.trace_id) {
+                        Some(pending) => pending,
+                        None if full => {
+                            *dropped += 1;
+                            continue;
+                        }
+                        None => traces.entry(span.trace_id.clone()).or_insert(Pending {
+                            spans: Vec::new(),
+                            last: now,
+                            first: now,
+                        }),
+                    };
+                    if pending.spans.len() >= MAX_SPANS {
+                        *dropped += 1;
+                        continue;
+                    }
+                    pending.last = now;
+                    pending.spans.push(Received {
+                        service: service.clone(),
+                        resource: Arc::clone(&resource),
+                        scope: Arc::clone(&scope),
+                        span,
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// A running receiver: its endpoint, and the tasks that serve and print (ended on drop).
+pub(crate) struct Waterfall {
+    endpoint: String,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Waterfall {
+    /// Starts the receiver on a free loopback port; finished traces go to standard output
+    /// and to `<data_dir>/traces.jsonl`.
+    pub(crate) async fn start(data_dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        let file = data_dir.join("traces.jsonl");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let receiver = Receiver {
+            state: Arc::default(),
+        };
+        let serve = tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(receiver.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+        let serving = tokio::spawn(async move {
+            if let Err(err) = serve.await {
+                tracing::warn!(error = %err, "the trace receiver stopped");
+            }
+        });
+        let printing = tokio::spawn(print_finished(receiver, file));
+        Ok(Self {
+            endpoint: format!("http://{addr}"),
+            tasks: vec![serving, printing],
+        })
+    }
+
+    /// The OTLP/gRPC endpoint the services export their traces to.
+    pub(crate) fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+}
+
+impl Drop for Waterfall {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Every 200 ms: takes the finished traces out, prints them and appends them to `file`.
+async fn print_finished(receiver: Receiver, file: PathBuf) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut reported_drops = 0;
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let (finished, dropped) = {
+            let Ok(mut state) = receiver.state.lock() else {
+                return;
+            };
+            let done: Vec<Vec<u8>> = state
+                .traces
+                .iter()
+                .filter(|(_, p)| {
+                    let rooted = !roots(&p.spans).is_empty();
+                    (rooted && now.duration_since(p.last) >= QUIET)
+                        || now.duration_since(p.first) >= LINGER
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            let finished: Vec<Pending> = done
+                .iter()
+                .filter_map(|id| state.traces.remove(id))
+                .collect();
+            (finished, state.dropped)
+        };
+        if dropped > reported_drops {
+            tracing::warn!(
+                dropped = dropped - reported_drops,
+                "trace receiver full: spans dropped"
+            );
+            reported_drops = dropped;
+        }
+        if finished.is_empty() {
+            continue;
+        }
+        let mut out = String::new();
+        let mut lines = String::new();
+        for mut trace in finished {
+            trace
+                .spans
+                .sort_by_key(|r| (r.span.start_time_unix_nano, r.span.end_time_unix_nano));
+            out.push_str(&render(&trace.spans));
+            out.push('\n');
+            lines.push_str(&otlp_json(&trace.spans).to_string());
+            lines.push('\n');
+        }
+        {
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(out.as_bytes());
+            let _ = stdout.flush();
+        }
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&file)
+            .and_then(|mut f| f.write_all(lines.as_bytes()));
+        if let Err(err) = appended {
+            tracing::warn!(file = %file.display(), error = %err, "cannot append the traces");
+        }
+    }
+}
+
+fn service_name(attributes: &[KeyValue]) -> String {
+    attributes
+        .iter()
+        .find(|kv| kv.key == "service.name")
+        .and_then(|kv| string_of(kv.value.as_ref()))
+        .unwrap_or_else(|| "?".to_owned())
+}
+
+fn string_of(value: Option<&AnyValue>) -> Option<String> {
+    match value?.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(s.clone()),
+        any_value::Value::IntValue(i) => Some(i.to_string()),
+        any_value::Value::BoolValue(b) => Some(b.to_string()),
+        any_value::Value::DoubleValue(d) => Some(d.to_string()),
+        _ => None,
+    }
+}
+
+/// The spans whose parent is not in the trace (the root, or children of a caller's span).
+fn roots(spans: &[Received]) -> Vec<usize> {
+    let ids: HashSet<&[u8]> = spans.iter().map(|r| r.span.span_id.as_slice()).collect();
+    (0..spans.len())
+        .filter(|&i| {
+            let parent = spans[i].span.parent_span_id.as_slice();
+            parent.is_empty() || !ids.contains(parent)
+        })
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// A span's status as the waterfall shows it: the gRPC code's name on RPC spans, `ERROR` on
+/// any other failed span, nothing otherwise.
+fn status_of(span: &Span) -> String {
+    if let Some(code) = span
+        .attributes
+        .iter()
+        .find(|kv| kv.key == "rpc.response.status_code")
+        .and_then(|kv| string_of(kv.value.as_ref()))
+    {
+        return code;
+    }
+    match span.status.as_ref().map(|s| s.code) {
+        Some(code) if code == StatusCode::Error as i32 => "ERROR".to_owned(),
+        _ => String::new(),
+    }
+}
+
+/// The waterfall of one trace, its spans sorted by start time.
+fn render(spans: &[Received]) -> String {
+    let start = spans
+        .iter()
+        .map(|r| r.span.start_time_unix_nano)
+        .min()
+        .unwrap_or(0);
+    let end = spans
+        .iter()
+        .map(|r| r.span.end_time_unix_nano)
+        .max()
+        .unwrap_or(start)
+        .max(start + 1);
+    let total = end - start;
+    let ms = |nanos: u64| nanos as f64 / 1e6;
+    let mut children: HashMap<&[u8], Vec<usize>> = HashMap::new();
+    for (i, r) in spans.iter().enumerate() {
+        children
+            .entry(r.span.parent_span_id.as_slice())
+            .or_default()
+            .push(i);
+    }
+    let top = roots(spans);
+    let title = top
+        .first()
+        .map(|&i| spans[i].span.name.as_str())
+        .unwrap_or("?");
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "trace {}  {title}  {:.3} ms  {} spans",
+        hex(&spans[0].span.trace_id),
+        ms(total),
+        spans.len()
+    );
+    let _ = writeln!(
+        out,
+        "  {:>9} {:>9}  {:<18} {:<BAR$}  span",
+        "start ms", "took ms", "status", "time line"
+    );
+    // Depth-first, children in start order (the spans are sorted already).
+    let mut stack: Vec<(usize, usize)> = top.iter().rev().map(|&i| (i, 0)).collect();
+    let mut seen = HashSet::new();
+    while let Some((i, depth)) = stack.pop() {
+        if !seen.insert(i) {
+            continue;
+        }
+        let r = &spans[i];
+        let s = &r.span;
+        let offset = s.start_time_unix_nano.saturating_sub(start);
+        let took = s.end_time_unix_nano.saturating_sub(s.start_time_unix_nano);
+        let from = usize::try_from(offset.saturating_mul(BAR as u64) / total).unwrap_or(BAR);
+        let to = usize::try_from((offset + took).saturating_mul(BAR as u64).div_ceil(total))
+            .unwrap_or(BAR)
+            .clamp(from + 1, BAR);
+        let from = from.min(BAR - 1);
+        let bar: String = (0..BAR)
+            .map(|c| if (from..to).contains(&c) { '█' } else { '·' })
+            .collect();
+        let arrow = if s.kind == SpanKind::Client as i32 {
+            "→ "
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "  {:>9.3} {:>9.3}  {:<18} {bar}  {}{} {arrow}{}",
+            ms(offset),
+            ms(took),
+            status_of(s),
+            "  ".repeat(depth),
+            r.service,
+            s.name
+        );
+        if let Some(kids) = children.get(s.span_id.as_slice()) {
+            for &k in kids.iter().rev() {
+                stack.push((k, depth + 1));
+            }
+        }
+    }
+    out
+}
+
+/// An attribute value in OTLP's JSON encoding.
+fn any_json(value: Option<&AnyValue>) -> Value {
+    match value.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => json!({ "stringValue": s }),
+        Some(any_value::Value::BoolValue(b)) => json!({ "boolValue": b }),
+        Some(any_value::Value::IntValue(i)) => json!({ "intValue": i.to_string() }),
+        Some(any_value::Value::DoubleValue(d)) => json!({ "doubleValue": d }),
+        Some(any_value::Value::ArrayValue(a)) => {
+            json!({ "arrayValue": { "values": a.values.iter().map(|v| any_json(Some(v))).collect::<Vec<_>>() } })
+        }
+        Some(any_value::Value::KvlistValue(l)) => {
+            json!({ "kvlistValue": { "values": attributes_json(&l.values) } })
+        }
+        Some(any_value::Value::BytesValue(b)) => {
+            use base64::Engine as _;
+            json!({ "bytesValue": base64::engine::general_purpose::STANDARD.encode(b) })
+        }
+        // Only profiles use the string table; a span's attribute never does.
+        Some(_) | None => json!({}),
+    }
+}
+
+fn attributes_json(attributes: &[KeyValue]) -> Vec<Value> {
+    attributes
+        .iter()
+        .map(|kv| json!({ "key": kv.key, "value": any_json(kv.value.as_ref()) }))
+        .collect()
+}
+
+fn span_json(span: &Span) -> Value {
+    let mut value = json!({
+        "traceId": hex(&span.trace_id),
+        "spanId": hex(&span.span_id),
+        "name": span.name,
+        "kind": span.kind,
+        "startTimeUnixNano": span.start_time_unix_nano.to_string(),
+        "endTimeUnixNano": span.end_time_unix_nano.to_string(),
+        "attributes": attributes_json(&span.attributes),
+        "flags": span.flags,
+    });
+    if !span.parent_span_id.is_empty() {
+        value["parentSpanId"] = json!(hex(&span.parent_span_id));
+    }
+    if !span.trace_state.is_empty() {
+        value["traceState"] = json!(span.trace_state);
+    }
+    if !span.events.is_empty() {
+        value["events"] = span
+            .events
+            .iter()
+            .map(|e| {
+                json!({
+                    "timeUnixNano": e.time_unix_nano.to_string(),
+                    "name": e.name,
+                    "attributes": attributes_json(&e.attributes),
+                })
+            })
+            .collect();
+    }
+    if let Some(status) = &span.status {
+        value["status"] = json!({ "code": status.code, "message": status.message });
+    }
+    value
+}
+
+/// One trace as an `ExportTraceServiceRequest` in OTLP's JSON encoding: its spans grouped by
+/// the resource and scope they came with.
+fn otlp_json(spans: &[Received]) -> Value {
+    let mut groups: Vec<(&Received, Vec<&Span>)> = Vec::new();
+    for r in spans {
+        match groups
+            .iter_mut()
+            .find(|(g, _)| g.service == r.service && g.scope.name == r.scope.name)
+        {
+            Some((_, list)) => list.push(&r.span),
+            None => groups.push((r, vec![&r.span])),
+        }
+    }
+    let resource_spans: Vec<Value> = groups
+        .iter()
+        .map(|(r, list)| {
+            json!({
+                "resource": { "attributes": attributes_json(&r.resource.attributes) },
+                "scopeSpans": [{
+                    "scope": { "name": r.scope.name, "version": r.scope.version },
+                    "spans": list.iter().map(|s| span_json(s)).collect::<Vec<_>>(),
+                }],
+            })
+        })
+        .collect();
+    json!({ "resourceSpans": resource_spans })
+}
