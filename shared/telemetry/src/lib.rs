@@ -28,7 +28,7 @@ use tracing_subscriber::{
     util::SubscriberInitExt as _,
 };
 
-pub use pipeline::{Protocol, Signals};
+pub use pipeline::{Export, Protocol, Signals, TlsFiles};
 pub use request_id::{REQUEST_ID_HEADER, RequestId, RequestIdLayer};
 pub use rpc::{ClientTrace, ClientTraceLayer, ServerTraceLayer, current_context};
 
@@ -159,6 +159,14 @@ pub fn init(format: LogFormat) {
 /// How long [`Telemetry::shutdown`] waits for each signal's last export.
 const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How a signal is exported, for the start-up log line: `None` when it is not.
+fn shown(export: Option<&Export>, on: bool) -> Option<String> {
+    export.filter(|_| on).map(|e| {
+        let tls = if e.tls.is_some() { " over TLS" } else { "" };
+        format!("{:?}{tls}", e.protocol)
+    })
+}
+
 /// The telemetry of one service process: its log subscriber and the SDK's providers;
 /// [`Telemetry::shutdown`] flushes them.
 #[derive(Debug)]
@@ -195,9 +203,9 @@ impl Telemetry {
         if providers.tracer.is_some() || providers.meter.is_some() || providers.logger.is_some() {
             tracing::info!(
                 service,
-                traces = ?signals.traces.filter(|_| providers.tracer.is_some()),
-                metrics = ?signals.metrics.filter(|_| providers.meter.is_some()),
-                logs = ?signals.logs.filter(|_| providers.logger.is_some()),
+                traces = shown(signals.traces.as_ref(), providers.tracer.is_some()),
+                metrics = shown(signals.metrics.as_ref(), providers.meter.is_some()),
+                logs = shown(signals.logs.as_ref(), providers.logger.is_some()),
                 "exporting telemetry over OTLP"
             );
         }

@@ -17,18 +17,26 @@
 //! - OTLP over HTTP: the exporter's own HTTP clients are reqwest (a second HTTP client stack)
 //!   or a hyper client that must be called inside a Tokio runtime, which the SDK's export
 //!   threads are not. `RuntimeHttpClient` runs that hyper client on the service's runtime.
-//! - `https://` endpoints are refused with a warning: the tree's TLS has no system trust
-//!   store, and the hyper client no TLS at all.
+//! - `https://` endpoints: the exporter reads none of the TLS variables. The mesh reads
+//!   `OTEL_EXPORTER_OTLP[_<SIGNAL>]_CERTIFICATE` (the collector's CA; else the system's trust
+//!   store) and `…_CLIENT_CERTIFICATE`/`…_CLIENT_KEY` (mutual TLS), and gives the gRPC
+//!   exporter a tonic TLS configuration and the HTTP client a rustls connector
+//!   (`hyper-rustls`): the tree's one TLS stack either way.
+//! - Baggage on spans: the SDK has no processor that copies it, so `BaggageAttributes` does.
 
 use std::{
-    sync::atomic::{AtomicBool, Ordering},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
 use bytes::Bytes;
 use opentelemetry::propagation::{TextMapCompositePropagator, TextMapPropagator};
 use opentelemetry_http::{HeaderExtractor, HeaderInjector, HttpClient, HttpError};
-use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _, WithTonicConfig as _};
 use opentelemetry_sdk::{
     Resource,
     logs::SdkLoggerProvider,
@@ -68,15 +76,36 @@ pub enum Propagator {
     Baggage,
 }
 
+/// How one signal goes out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Export {
+    /// The transport.
+    pub protocol: Protocol,
+    /// Set for an `https://` endpoint: the files its TLS uses.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The TLS files of an `https://` endpoint, from `OTEL_EXPORTER_OTLP[_<SIGNAL>]_CERTIFICATE`,
+/// `…_CLIENT_CERTIFICATE` and `…_CLIENT_KEY`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificates the collector's certificate must chain to; `None`: the system's
+    /// trust store.
+    pub ca: Option<PathBuf>,
+    /// A PEM certificate (chain) and its key, for a collector that asks for a client
+    /// certificate.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
 /// What the environment asks of telemetry export.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signals {
     /// How spans go out; `None`: not exported.
-    pub traces: Option<Protocol>,
+    pub traces: Option<Export>,
     /// How metrics go out; `None`: not exported.
-    pub metrics: Option<Protocol>,
+    pub metrics: Option<Export>,
     /// How log records go out; `None`: not exported.
-    pub logs: Option<Protocol>,
+    pub logs: Option<Export>,
     /// The propagators, in order (`OTEL_PROPAGATORS`; `none` gives none).
     pub propagators: Vec<Propagator>,
     /// What was wrong with the variables, logged once the subscriber is in place.
@@ -99,7 +128,7 @@ impl Signals {
         };
         let mut problems = Vec::new();
         let disabled = get("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        let mut signal = |name: &str| -> Option<Protocol> {
+        let mut signal = |name: &str| -> Option<Export> {
             if disabled {
                 return None;
             }
@@ -116,30 +145,49 @@ impl Signals {
             }
             let url = get(&format!("OTEL_EXPORTER_OTLP_{name}_ENDPOINT"))
                 .or_else(|| get("OTEL_EXPORTER_OTLP_ENDPOINT"))?;
-            if url.starts_with("https://") {
+            let secure = url.starts_with("https://");
+            if !secure && !url.starts_with("http://") {
                 problems.push(format!(
-                    "OTLP endpoint `{url}`: https:// is not supported; use a local collector over http:// (not exporting)"
-                ));
-                return None;
-            }
-            if !url.starts_with("http://") {
-                problems.push(format!(
-                    "OTLP endpoint `{url}` is not an http:// URL; not exporting"
+                    "OTLP endpoint `{url}` is not an http:// or https:// URL; not exporting"
                 ));
                 return None;
             }
             let protocol = get(&format!("OTEL_EXPORTER_OTLP_{name}_PROTOCOL"))
                 .or_else(|| get("OTEL_EXPORTER_OTLP_PROTOCOL"));
-            match protocol.as_deref() {
-                None | Some("http/protobuf") => Some(Protocol::HttpProtobuf),
-                Some("grpc") => Some(Protocol::Grpc),
+            let protocol = match protocol.as_deref() {
+                None | Some("http/protobuf") => Protocol::HttpProtobuf,
+                Some("grpc") => Protocol::Grpc,
                 Some(other) => {
                     problems.push(format!(
                         "OTLP protocol `{other}` is not supported (`grpc` or `http/protobuf`); not exporting"
                     ));
-                    None
+                    return None;
                 }
-            }
+            };
+            let file = |what: &str| {
+                get(&format!("OTEL_EXPORTER_OTLP_{name}_{what}"))
+                    .or_else(|| get(&format!("OTEL_EXPORTER_OTLP_{what}")))
+                    .map(PathBuf::from)
+            };
+            let tls = if secure {
+                let client = match (file("CLIENT_CERTIFICATE"), file("CLIENT_KEY")) {
+                    (Some(cert), Some(key)) => Some((cert, key)),
+                    (None, None) => None,
+                    _ => {
+                        problems.push(format!(
+                            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and _CLIENT_KEY go together; {name} not exported"
+                        ));
+                        return None;
+                    }
+                };
+                Some(TlsFiles {
+                    ca: file("CERTIFICATE"),
+                    client,
+                })
+            } else {
+                None
+            };
+            Some(Export { protocol, tls })
         };
         let traces = signal("TRACES");
         let metrics = signal("METRICS");
@@ -241,18 +289,42 @@ fn http_timeout() -> Duration {
 #[derive(Debug, Clone)]
 pub(crate) struct RuntimeHttpClient {
     runtime: tokio::runtime::Handle,
-    client: opentelemetry_http::hyper::HyperClient,
+    client: HyperClient,
+}
+
+type HttpsConnector =
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+/// Plain HTTP, or HTTPS on rustls.
+#[derive(Debug, Clone)]
+enum HyperClient {
+    Plain(opentelemetry_http::hyper::HyperClient),
+    Tls(opentelemetry_http::hyper::HyperClient<HttpsConnector>),
 }
 
 impl RuntimeHttpClient {
-    fn new(runtime: tokio::runtime::Handle) -> Self {
-        Self {
-            runtime,
-            client: opentelemetry_http::hyper::HyperClient::with_default_connector(
-                http_timeout(),
-                None,
+    fn new(runtime: tokio::runtime::Handle, tls: Option<&TlsMaterial>) -> Result<Self, String> {
+        let client = match tls {
+            None => HyperClient::Plain(
+                opentelemetry_http::hyper::HyperClient::with_default_connector(
+                    http_timeout(),
+                    None,
+                ),
             ),
-        }
+            Some(tls) => {
+                let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(tls.rustls()?)
+                    .https_only()
+                    .enable_http1()
+                    .build();
+                HyperClient::Tls(opentelemetry_http::hyper::HyperClient::new(
+                    connector,
+                    http_timeout(),
+                    None,
+                ))
+            }
+        };
+        Ok(Self { runtime, client })
     }
 }
 
@@ -264,8 +336,93 @@ impl HttpClient for RuntimeHttpClient {
     ) -> Result<http::Response<Bytes>, HttpError> {
         let client = self.client.clone();
         self.runtime
-            .spawn(async move { client.send_bytes(request).await })
+            .spawn(async move {
+                match client {
+                    HyperClient::Plain(client) => client.send_bytes(request).await,
+                    HyperClient::Tls(client) => client.send_bytes(request).await,
+                }
+            })
             .await?
+    }
+}
+
+/// The contents of an endpoint's [`TlsFiles`], read once at start.
+struct TlsMaterial {
+    ca: Option<Vec<u8>>,
+    client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TlsMaterial {
+    fn read(files: &TlsFiles) -> Result<Self, String> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))
+        };
+        Ok(Self {
+            ca: files.ca.as_deref().map(read).transpose()?,
+            client: match &files.client {
+                Some((cert, key)) => Some((read(cert)?, read(key)?)),
+                None => None,
+            },
+        })
+    }
+
+    /// For the gRPC exporter: tonic's TLS, trusting the CA file or the system's store.
+    fn tonic(&self) -> tonic::transport::ClientTlsConfig {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let config = match &self.ca {
+            Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+            None => ClientTlsConfig::new().with_native_roots(),
+        };
+        match &self.client {
+            Some((cert, key)) => config.identity(Identity::from_pem(cert, key)),
+            None => config,
+        }
+    }
+
+    /// For the HTTP exporter: a rustls client, trusting the CA file or the system's store.
+    fn rustls(&self) -> Result<rustls::ClientConfig, String> {
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca {
+            Some(pem) => {
+                for cert in CertificateDer::pem_slice_iter(pem) {
+                    let cert = cert.map_err(|err| format!("the CA file: {err}"))?;
+                    roots
+                        .add(cert)
+                        .map_err(|err| format!("the CA file: {err}"))?;
+                }
+            }
+            None => {
+                for cert in rustls_native_certs::load_native_certs().certs {
+                    let _ = roots.add(cert);
+                }
+            }
+        }
+        if roots.is_empty() {
+            return Err(
+                "no trusted CA certificate (OTEL_EXPORTER_OTLP_CERTIFICATE, or the system's store)"
+                    .into(),
+            );
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|err| err.to_string())?
+        .with_root_certificates(roots);
+        match &self.client {
+            None => Ok(builder.with_no_client_auth()),
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_slice_iter(cert)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|err| format!("the client certificate: {err}"))?;
+                let key = PrivateKeyDer::from_pem_slice(key)
+                    .map_err(|err| format!("the client key: {err}"))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|err| format!("the client certificate: {err}"))
+            }
+        }
     }
 }
 
@@ -309,26 +466,45 @@ impl opentelemetry_sdk::trace::SpanProcessor for BaggageAttributes {
     }
 }
 
+/// Builds one signal's OTLP exporter over `export`'s transport, with its TLS for an
+/// `https://` endpoint.
+macro_rules! exporter {
+    ($builder:path, $export:expr, $runtime:expr) => {{
+        let export: &Export = $export;
+        match export.tls.as_ref().map(TlsMaterial::read).transpose() {
+            Err(err) => Err(err),
+            Ok(tls) => match export.protocol {
+                Protocol::Grpc => {
+                    let builder = <$builder>::builder().with_tonic();
+                    match &tls {
+                        Some(tls) => builder.with_tls_config(tls.tonic()).build(),
+                        None => builder.build(),
+                    }
+                    .map_err(|err| err.to_string())
+                }
+                Protocol::HttpProtobuf => RuntimeHttpClient::new($runtime.clone(), tls.as_ref())
+                    .and_then(|client| {
+                        <$builder>::builder()
+                            .with_http()
+                            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                            .with_http_client(client)
+                            .build()
+                            .map_err(|err| err.to_string())
+                    }),
+            },
+        }
+    }};
+}
+
 /// Builds the exporters and providers `signals` asks for. Must run inside a Tokio runtime
 /// (the gRPC transport's channel and the HTTP client live on it). A provider whose exporter
 /// cannot be built is left out, with the reason in `problems`.
 pub(crate) fn providers(service: &str, signals: &Signals, problems: &mut Vec<String>) -> Providers {
     let runtime = tokio::runtime::Handle::current();
     let resource = resource(service);
-    let http = || RuntimeHttpClient::new(runtime.clone());
     let mut providers = Providers::default();
-    if let Some(protocol) = signals.traces {
-        let exporter = match protocol {
-            Protocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .build(),
-            Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_http_client(http())
-                .build(),
-        };
-        match exporter {
+    if let Some(export) = &signals.traces {
+        match exporter!(opentelemetry_otlp::SpanExporter, export, runtime) {
             Ok(exporter) => {
                 providers.tracer = Some(
                     SdkTracerProvider::builder()
@@ -341,18 +517,8 @@ pub(crate) fn providers(service: &str, signals: &Signals, problems: &mut Vec<Str
             Err(err) => problems.push(format!("cannot export spans: {err}")),
         }
     }
-    if let Some(protocol) = signals.metrics {
-        let exporter = match protocol {
-            Protocol::Grpc => opentelemetry_otlp::MetricExporter::builder()
-                .with_tonic()
-                .build(),
-            Protocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
-                .with_http()
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_http_client(http())
-                .build(),
-        };
-        match exporter {
+    if let Some(export) = &signals.metrics {
+        match exporter!(opentelemetry_otlp::MetricExporter, export, runtime) {
             Ok(exporter) => {
                 providers.meter = Some(
                     SdkMeterProvider::builder()
@@ -364,18 +530,8 @@ pub(crate) fn providers(service: &str, signals: &Signals, problems: &mut Vec<Str
             Err(err) => problems.push(format!("cannot export metrics: {err}")),
         }
     }
-    if let Some(protocol) = signals.logs {
-        let exporter = match protocol {
-            Protocol::Grpc => opentelemetry_otlp::LogExporter::builder()
-                .with_tonic()
-                .build(),
-            Protocol::HttpProtobuf => opentelemetry_otlp::LogExporter::builder()
-                .with_http()
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_http_client(http())
-                .build(),
-        };
-        match exporter {
+    if let Some(export) = &signals.logs {
+        match exporter!(opentelemetry_otlp::LogExporter, export, runtime) {
             Ok(exporter) => {
                 providers.logger = Some(
                     SdkLoggerProvider::builder()
@@ -434,9 +590,11 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "grpc"),
             ("OTEL_LOGS_EXPORTER", "none"),
         ]);
-        assert_eq!(s.traces, Some(Protocol::HttpProtobuf));
-        assert_eq!(s.metrics, Some(Protocol::Grpc));
+        let protocol = |e: &Option<Export>| e.as_ref().map(|e| e.protocol);
+        assert_eq!(protocol(&s.traces), Some(Protocol::HttpProtobuf));
+        assert_eq!(protocol(&s.metrics), Some(Protocol::Grpc));
         assert_eq!(s.logs, None);
+        assert!(s.traces.as_ref().is_some_and(|e| e.tls.is_none()));
         assert!(s.problems.is_empty(), "{:?}", s.problems);
 
         let s = signals(&[
@@ -445,20 +603,59 @@ mod tests {
         ]);
         assert_eq!((s.traces, s.metrics, s.logs), (None, None, None));
 
+        // https://: the CA and client files, per signal or for all.
+        let s = signals(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://vendor.example:4318"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/etc/ca.pem"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+                "/etc/traces-ca.pem",
+            ),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/etc/me.pem"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/etc/me-key.pem"),
+            ("OTEL_EXPORTER_OTLP_LOGS_CLIENT_KEY", "/etc/other-key.pem"),
+            (
+                "OTEL_EXPORTER_OTLP_LOGS_CLIENT_CERTIFICATE",
+                "/etc/other.pem",
+            ),
+        ]);
+        let tls = |e: &Option<Export>| e.as_ref().and_then(|e| e.tls.clone());
+        assert_eq!(
+            tls(&s.traces),
+            Some(TlsFiles {
+                ca: Some("/etc/traces-ca.pem".into()),
+                client: Some(("/etc/me.pem".into(), "/etc/me-key.pem".into())),
+            })
+        );
+        assert_eq!(
+            tls(&s.metrics).and_then(|t| t.ca),
+            Some("/etc/ca.pem".into())
+        );
+        assert_eq!(
+            tls(&s.logs).and_then(|t| t.client),
+            Some(("/etc/other.pem".into(), "/etc/other-key.pem".into()))
+        );
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+
         let s = signals(&[
             (
                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-                "https://vendor.example:443",
+                "http://collector:4318",
             ),
-            ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "collector:4317"),
-            ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "http://collector:4318"),
+            (
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                "ftp://vendor.example",
+            ),
+            ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "https://collector:4318"),
+            ("OTEL_EXPORTER_OTLP_LOGS_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_LOGS_CLIENT_KEY", "/etc/key.pem"),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
             ("OTEL_PROPAGATORS", "b3,baggage,baggage"),
         ]);
         assert_eq!((s.traces, s.metrics, s.logs), (None, None, None));
         assert_eq!(s.propagators, [Propagator::Baggage]);
         let text = s.problems.join("\n");
-        for expected in ["https://", "collector:4317", "http/json", "b3"] {
+        for expected in ["http/json", "ftp://", "CLIENT_KEY", "b3"] {
             assert!(text.contains(expected), "{expected} in {text}");
         }
         assert!(

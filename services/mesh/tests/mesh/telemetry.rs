@@ -179,15 +179,71 @@ impl Collector {
         (collector, format!("http://{addr}"))
     }
 
+    /// An OTLP/gRPC collector over TLS with `pki`'s server leaf, requiring a client
+    /// certificate from its CA; its URL (`https://localhost:<port>`).
+    async fn start_tls(pki: &mesh_testkit::TestPki) -> (Self, String) {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let read = |path: &std::path::Path| std::fs::read(path).expect("PEM");
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(
+                read(&pki.server_leaf.cert),
+                read(&pki.server_leaf.key),
+            ))
+            .client_ca_root(Certificate::from_pem(read(&pki.ca_path)));
+        let collector = Self::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let server = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .expect("TLS")
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .add_service(MetricsServiceServer::new(collector.clone()))
+            .add_service(LogsServiceServer::new(collector.clone()))
+            .serve_with_incoming(incoming);
+        tokio::spawn(server);
+        (collector, format!("https://localhost:{}", addr.port()))
+    }
+
     /// An OTLP/HTTP collector (protobuf bodies on `/v1/traces`, `/v1/metrics`, `/v1/logs`,
     /// HTTP/1.1) on a free loopback port; its URL.
     async fn start_http() -> (Self, String) {
+        Self::start_http_over(None).await
+    }
+
+    /// The same over TLS with `pki`'s server leaf (no client certificate asked); its URL
+    /// (`https://localhost:<port>`).
+    async fn start_https(pki: &mesh_testkit::TestPki) -> (Self, String) {
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+        let chain = CertificateDer::pem_file_iter(&pki.server_leaf.cert)
+            .expect("cert")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("cert");
+        let key = PrivateKeyDer::from_pem_file(&pki.server_leaf.key).expect("key");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+        Self::start_http_over(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn start_http_over(tls: Option<tokio_rustls::TlsAcceptor>) -> (Self, String) {
         use http_body_util::{BodyExt as _, Full};
         let collector = Self::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let url = match tls {
+            Some(_) => format!("https://localhost:{}", addr.port()),
+            None => format!("http://{addr}"),
+        };
         let serving = collector.clone();
         tokio::spawn(async move {
             loop {
@@ -240,13 +296,27 @@ impl Collector {
                         }
                     },
                 );
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-                );
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await;
+                        }
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                let _ = http
+                                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                    .await;
+                            }
+                        }
+                    }
+                });
             }
         });
-        (collector, format!("http://{addr}"))
+        (collector, url)
     }
 
     fn spans_of(&self, trace_id: &[u8]) -> Vec<(String, Span)> {
@@ -802,6 +872,83 @@ async fn one_request_is_one_trace_over_otlp_http() {
     }
     collector
         .wait_for("metrics over OTLP/HTTP", |r| {
+            ["aggregator", "auth", "users"].iter().all(|svc| {
+                r.metrics
+                    .iter()
+                    .any(|(s, m)| s == svc && m.name == "rpc.server.call.duration")
+            })
+        })
+        .await;
+    drop(mesh);
+}
+
+/// `https://` collectors: spans over OTLP/gRPC to a collector that requires a client
+/// certificate, metrics over OTLP/HTTP to another, both trusted through
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE` (the test's CA) and the client presenting
+/// `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE`/`_KEY`.
+#[tokio::test]
+async fn exports_to_collectors_over_tls() {
+    let _machine = crate::common::process_test().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = mesh_testkit::TestPki::new(dir.path(), "otlp-ca");
+    let (traces, traces_url) = Collector::start_tls(&pki).await;
+    let (metrics, metrics_url) = Collector::start_https(&pki).await;
+    let env = vec![
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", traces_url),
+        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc".to_owned()),
+        (
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+            format!("{metrics_url}/v1/metrics"),
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+            "http/protobuf".to_owned(),
+        ),
+        ("OTEL_LOGS_EXPORTER", "none".to_owned()),
+        (
+            "OTEL_EXPORTER_OTLP_CERTIFICATE",
+            pki.ca_path.display().to_string(),
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            pki.client_leaf.cert.display().to_string(),
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+            pki.client_leaf.key.display().to_string(),
+        ),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "300".into()),
+    ];
+    let mesh = MeshUp::start_with("5s", &env).await;
+    let mut client = aggregator(mesh.addr("aggregator")).await;
+    let trace = "9cf92f3577b34da6a3ce929d0e0e473b";
+    try_sign_up(
+        &mut client,
+        "tls-export@example.com",
+        PASSWORD,
+        "Ada",
+        &[(
+            headers::TRACEPARENT,
+            &format!("00-{trace}-00f067aa0ba902b7-01"),
+        )],
+    )
+    .await
+    .expect("sign up");
+    let trace = trace_bytes(trace);
+    traces
+        .wait_for("SignUp's server spans over gRPC with TLS", |r| {
+            let services: std::collections::HashSet<_> = r
+                .spans
+                .iter()
+                .filter(|(_, s)| s.trace_id == trace && s.kind == SpanKind::Server as i32)
+                .map(|(svc, _)| svc.as_str())
+                .collect();
+            services.len() == 3
+        })
+        .await;
+    metrics
+        .wait_for("every service's metrics over HTTPS", |r| {
             ["aggregator", "auth", "users"].iter().all(|svc| {
                 r.metrics
                     .iter()
