@@ -7,11 +7,12 @@
 //! one `ExportTraceServiceRequest` per line (what the OpenTelemetry Collector's file exporter
 //! writes and its `otlpjsonfile` receiver reads).
 //!
-//! A trace is finished once its root span has arrived and nothing more of it for
-//! [`QUIET`]; a trace whose root never comes (a caller's span that is not the mesh's) is
-//! printed after [`LINGER`]. At most [`MAX_TRACES`] traces of [`MAX_SPANS`] spans each are
-//! held: beyond that spans are dropped and counted, so a flood of calls cannot grow the
-//! launcher's memory.
+//! A trace is finished once nothing more of it has arrived for [`QUIET`] past the services'
+//! export delay (`OTEL_BSP_SCHEDULE_DELAY`, which `mesh up --traces` sets to 200 ms unless
+//! the environment does), or once it is [`LINGER`] old. At most [`MAX_TRACES`] traces of
+//! [`MAX_SPANS`] spans each are held, names cut to [`MAX_NAME`] characters: beyond that spans
+//! are dropped and counted, so a flood of calls cannot grow the launcher's memory without
+//! bound. The receiver listens on loopback only.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -33,14 +34,18 @@ use opentelemetry_proto::tonic::{
 };
 use serde_json::{Value, json};
 
-/// How long a trace must have been quiet, its root in, before it is printed.
-pub(crate) const QUIET: Duration = Duration::from_millis(700);
-/// How long a trace without a root is waited for.
+/// How long past the services' export delay a trace must have been quiet to be printed.
+pub(crate) const QUIET: Duration = Duration::from_millis(800);
+/// The services' export delay when the environment names none (`mesh up --traces` sets it).
+pub(crate) const EXPORT_DELAY: Duration = Duration::from_millis(200);
+/// How long a trace that keeps growing is waited for.
 pub(crate) const LINGER: Duration = Duration::from_secs(30);
 /// Traces held at most while they finish.
-pub(crate) const MAX_TRACES: usize = 10_000;
+pub(crate) const MAX_TRACES: usize = 1_000;
 /// Spans held at most of one trace.
-pub(crate) const MAX_SPANS: usize = 1_000;
+pub(crate) const MAX_SPANS: usize = 500;
+/// Characters of a span's or service's name shown at most.
+pub(crate) const MAX_NAME: usize = 200;
 /// Width of the time-line bar, in characters.
 const BAR: usize = 24;
 
@@ -84,7 +89,7 @@ impl TraceService for Receiver {
             .map_err(|_| tonic::Status::internal("receiver state"))?;
         for rs in request.into_inner().resource_spans {
             let resource = Arc::new(rs.resource.unwrap_or_default());
-            let service = service_name(&resource.attributes);
+            let service = shown(&service_name(&resource.attributes));
             for ss in rs.scope_spans {
                 let scope = Arc::new(ss.scope.unwrap_or_default());
                 for span in ss.spans {
@@ -107,6 +112,8 @@ impl TraceService for Receiver {
                         continue;
                     }
                     pending.last = now;
+                    let mut span = span;
+                    span.name = shown(&span.name);
                     pending.spans.push(Received {
                         service: service.clone(),
                         resource: Arc::clone(&resource),
@@ -145,7 +152,11 @@ impl Waterfall {
                 tracing::warn!(error = %err, "the trace receiver stopped");
             }
         });
-        let printing = tokio::spawn(print_finished(receiver, file));
+        let delay = std::env::var("OTEL_BSP_SCHEDULE_DELAY")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map_or(EXPORT_DELAY, Duration::from_millis);
+        let printing = tokio::spawn(print_finished(receiver, file, delay + QUIET));
         Ok(Self {
             endpoint: format!("http://{addr}"),
             tasks: vec![serving, printing],
@@ -166,8 +177,9 @@ impl Drop for Waterfall {
     }
 }
 
-/// Every 200 ms: takes the finished traces out, prints them and appends them to `file`.
-async fn print_finished(receiver: Receiver, file: PathBuf) {
+/// Every 200 ms: takes the traces quiet for `quiet` out, prints them and appends them to
+/// `file`.
+async fn print_finished(receiver: Receiver, file: PathBuf, quiet: Duration) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut reported_drops = 0;
     loop {
@@ -181,9 +193,7 @@ async fn print_finished(receiver: Receiver, file: PathBuf) {
                 .traces
                 .iter()
                 .filter(|(_, p)| {
-                    let rooted = !roots(&p.spans).is_empty();
-                    (rooted && now.duration_since(p.last) >= QUIET)
-                        || now.duration_since(p.first) >= LINGER
+                    now.duration_since(p.last) >= quiet || now.duration_since(p.first) >= LINGER
                 })
                 .map(|(id, _)| id.clone())
                 .collect();
@@ -214,11 +224,7 @@ async fn print_finished(receiver: Receiver, file: PathBuf) {
             lines.push_str(&otlp_json(&trace.spans).to_string());
             lines.push('\n');
         }
-        {
-            let mut stdout = std::io::stdout().lock();
-            let _ = stdout.write_all(out.as_bytes());
-            let _ = stdout.flush();
-        }
+        // The file first: once a waterfall is on the screen, its trace is in the file.
         let appended = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -227,7 +233,21 @@ async fn print_finished(receiver: Receiver, file: PathBuf) {
         if let Err(err) = appended {
             tracing::warn!(file = %file.display(), error = %err, "cannot append the traces");
         }
+        {
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(out.as_bytes());
+            let _ = stdout.flush();
+        }
     }
+}
+
+/// A name as the terminal may show it: at most [`MAX_NAME`] characters, control characters
+/// (escape sequences) replaced.
+fn shown(name: &str) -> String {
+    name.chars()
+        .take(MAX_NAME)
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect()
 }
 
 fn service_name(attributes: &[KeyValue]) -> String {
@@ -294,9 +314,8 @@ fn render(spans: &[Received]) -> String {
         .iter()
         .map(|r| r.span.end_time_unix_nano)
         .max()
-        .unwrap_or(start)
-        .max(start + 1);
-    let total = end - start;
+        .unwrap_or(start);
+    let total = end.saturating_sub(start).max(1);
     let ms = |nanos: u64| nanos as f64 / 1e6;
     let mut children: HashMap<&[u8], Vec<usize>> = HashMap::new();
     for (i, r) in spans.iter().enumerate() {
@@ -313,13 +332,6 @@ fn render(spans: &[Received]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "trace {}  {title}  {:.3} ms  {} spans",
-        hex(&spans[0].span.trace_id),
-        ms(total),
-        spans.len()
-    );
-    let _ = writeln!(
-        out,
         "  {:>9} {:>9}  {:<18} {:<BAR$}  span",
         "start ms", "took ms", "status", "time line"
     );
@@ -332,13 +344,21 @@ fn render(spans: &[Received]) -> String {
         }
         let r = &spans[i];
         let s = &r.span;
+        // A span may end before it starts (a clock stepped back) or after the trace's end
+        // as measured: the bar stays within the line either way.
         let offset = s.start_time_unix_nano.saturating_sub(start);
         let took = s.end_time_unix_nano.saturating_sub(s.start_time_unix_nano);
-        let from = usize::try_from(offset.saturating_mul(BAR as u64) / total).unwrap_or(BAR);
-        let to = usize::try_from((offset + took).saturating_mul(BAR as u64).div_ceil(total))
-            .unwrap_or(BAR)
-            .clamp(from + 1, BAR);
-        let from = from.min(BAR - 1);
+        let cell = |nanos: u64, up: bool| {
+            let scaled = u128::from(nanos.min(total)) * BAR as u128;
+            let cell = if up {
+                scaled.div_ceil(u128::from(total))
+            } else {
+                scaled / u128::from(total)
+            };
+            usize::try_from(cell).unwrap_or(BAR)
+        };
+        let from = cell(offset, false).min(BAR - 1);
+        let to = cell(offset.saturating_add(took), true).clamp(from + 1, BAR);
         let bar: String = (0..BAR)
             .map(|c| if (from..to).contains(&c) { '█' } else { '·' })
             .collect();
@@ -363,7 +383,19 @@ fn render(spans: &[Received]) -> String {
             }
         }
     }
-    out
+    // Spans in a cycle of parent ids (a broken exporter) are in no tree: say so.
+    let left_out = spans.len() - seen.len();
+    let left_out = if left_out > 0 {
+        format!(" ({left_out} in a cycle of parents, not shown)")
+    } else {
+        String::new()
+    };
+    format!(
+        "trace {}  {title}  {:.3} ms  {} spans{left_out}\n{out}",
+        hex(&spans[0].span.trace_id),
+        ms(total),
+        seen.len()
+    )
 }
 
 /// An attribute value in OTLP's JSON encoding.
@@ -457,4 +489,72 @@ fn otlp_json(spans: &[Received]) -> Value {
         })
         .collect();
     json!({ "resourceSpans": resource_spans })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(id: u8, parent: Option<u8>, start: u64, end: u64) -> Received {
+        Received {
+            service: "svc".into(),
+            resource: Arc::default(),
+            scope: Arc::default(),
+            span: Span {
+                trace_id: vec![1; 16],
+                span_id: vec![id; 8],
+                parent_span_id: parent.map(|p| vec![p; 8]).unwrap_or_default(),
+                name: format!("span{id}"),
+                start_time_unix_nano: start,
+                end_time_unix_nano: end,
+                ..Span::default()
+            },
+        }
+    }
+
+    /// Spans that end before they start, at the trace's very end, at u64::MAX, or in a cycle
+    /// of parents are drawn (or left out) without a panic.
+    #[test]
+    fn odd_spans_render() {
+        let cases = [
+            vec![span(1, None, 100, 200), span(2, Some(1), 200, 200)],
+            vec![span(1, None, 100, 200), span(2, Some(1), 150, 120)],
+            vec![span(1, None, u64::MAX, u64::MAX)],
+            vec![
+                span(1, None, 0, u64::MAX),
+                span(2, Some(1), u64::MAX - 1, 5),
+            ],
+            vec![span(1, None, 5, 5)],
+            vec![
+                span(1, Some(2), 1, 2),
+                span(2, Some(1), 1, 2),
+                span(3, None, 0, 3),
+            ],
+        ];
+        for spans in cases {
+            let mut spans = spans;
+            spans.sort_by_key(|r| (r.span.start_time_unix_nano, r.span.end_time_unix_nano));
+            let text = render(&spans);
+            assert!(text.starts_with("trace 0101"), "{text}");
+            for line in text.lines().skip(2) {
+                let bar: String = line.chars().filter(|c| matches!(c, '█' | '·')).collect();
+                assert_eq!(bar.chars().count(), BAR, "{line}");
+                assert!(bar.contains('█'), "{line}");
+            }
+            let _ = otlp_json(&spans);
+        }
+        let cycle = render(&[
+            span(3, None, 0, 3),
+            span(1, Some(2), 1, 2),
+            span(2, Some(1), 1, 2),
+        ]);
+        assert!(cycle.contains("1 spans (2 in a cycle"), "{cycle}");
+    }
+
+    /// Names reach the terminal cut and without control characters.
+    #[test]
+    fn names_are_shown_safely() {
+        assert_eq!(shown("a\u{1b}[2Jb"), "a\u{fffd}[2Jb");
+        assert_eq!(shown(&"x".repeat(1_000)).chars().count(), MAX_NAME);
+    }
 }

@@ -307,6 +307,9 @@ pub(crate) async fn run(args: UpArgs, log_format: LogFormat) -> Result<(), UpErr
         })
         .unwrap_or_default();
     let waterfall = if args.traces {
+        if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+            tracing::warn!("--traces with OTEL_SDK_DISABLED=true: the services export no traces");
+        }
         Some(
             crate::traces::Waterfall::start(&args.data_dir)
                 .await
@@ -512,8 +515,7 @@ fn spawn(launch: &Launch<'_>, name: &'static str, addr: SocketAddr) -> Result<Se
         command
             .env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint)
             .env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")
-            .env("OTEL_TRACES_EXPORTER", "otlp")
-            .env_remove("OTEL_SDK_DISABLED");
+            .env("OTEL_TRACES_EXPORTER", "otlp");
         // A waterfall soon after the call, unless the environment says otherwise.
         if std::env::var_os("OTEL_BSP_SCHEDULE_DELAY").is_none() {
             command.env("OTEL_BSP_SCHEDULE_DELAY", "200");
