@@ -87,8 +87,9 @@ fn filter() -> (EnvFilter, Option<String>) {
     (filter, bad_filter)
 }
 
-/// Targets whose events never go out as OTLP log records: the export's own plumbing, which
-/// would otherwise log about its own exports.
+/// Targets whose spans and events never go out over OTLP: the export's own plumbing, which
+/// would otherwise trace and log its own exports (the SDK's own warnings about failed exports
+/// still reach the console).
 fn is_plumbing(target: &str) -> bool {
     ["opentelemetry", "tonic", "h2", "hyper", "tower"]
         .iter()
@@ -107,8 +108,12 @@ fn install(format: LogFormat, providers: &pipeline::Providers) -> bool {
             .with_target(false)
             .with_tracked_inactivity(false)
             // Spans only: log events go out as log records, not as span events.
+            // Not the plumbing's own spans either (h2's per-connection and per-frame spans at
+            // debug and trace, the export's own connections among them).
             .with_filter(filter_fn(|meta| {
-                meta.is_span() && meta.target() != rpc::UNTRACED_TARGET
+                meta.is_span()
+                    && meta.target() != rpc::UNTRACED_TARGET
+                    && !is_plumbing(meta.target())
             }))
     });
     let logs = providers.logger.as_ref().map(|provider| {
@@ -212,24 +217,31 @@ impl Telemetry {
         Self { providers }
     }
 
-    /// Sends every queued span, metric and log record (within 5 s each), then stops exporting.
+    /// Sends every queued span, metric and log record (within 5 s), then stops exporting.
     pub async fn shutdown(self) {
         let providers = self.providers;
         pipeline::mark(false, false);
         // The SDK's shutdown blocks until its export threads are done; they need this runtime
-        // running meanwhile.
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Some(tracer) = providers.tracer {
+        // running meanwhile. The three signals flush side by side, within 5 s in all.
+        let mut flushing = Vec::new();
+        if let Some(tracer) = providers.tracer {
+            flushing.push(tokio::task::spawn_blocking(move || {
                 let _ = tracer.shutdown_with_timeout(SHUTDOWN_TIMEOUT);
-            }
-            if let Some(meter) = providers.meter {
+            }));
+        }
+        if let Some(meter) = providers.meter {
+            flushing.push(tokio::task::spawn_blocking(move || {
                 let _ = meter.shutdown_with_timeout(SHUTDOWN_TIMEOUT);
-            }
-            if let Some(logger) = providers.logger {
+            }));
+        }
+        if let Some(logger) = providers.logger {
+            flushing.push(tokio::task::spawn_blocking(move || {
                 let _ = logger.shutdown_with_timeout(SHUTDOWN_TIMEOUT);
-            }
-        })
-        .await;
+            }));
+        }
+        for flush in flushing {
+            let _ = flush.await;
+        }
     }
 }
 

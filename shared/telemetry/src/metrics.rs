@@ -5,8 +5,9 @@
 //!   `rpc.system.name` (`grpc`), `rpc.method` (`pkg.Service/Method`) and
 //!   `rpc.response.status_code` (`OK`, `UNAUTHENTICATED`, …), plus `server.address` and
 //!   `server.port` on the client side, as the current RPC semantic conventions name them.
-//!   A hostile client calling made-up methods cannot grow memory without bound: the SDK keeps
-//!   at most 2,000 attribute sets per instrument and folds the rest into one overflow series.
+//!   A path that is not one of the mesh's methods counts as `_OTHER`, so a caller calling
+//!   made-up methods adds no series (the SDK would keep up to 2,000 per instrument, each
+//!   holding its attributes for the life of the process).
 //! - The Tokio runtime's own figures: `tokio.runtime.workers`, `tokio.runtime.alive_tasks`,
 //!   `tokio.runtime.global_queue_depth` and `tokio.runtime.worker.busy_time` (seconds the
 //!   workers spent busy, summed: its rate over the worker count is how busy they are).

@@ -10,8 +10,10 @@
 //!   (`OTEL_TRACES_SAMPLER`/`_ARG`), the batch queue (`OTEL_BSP_*`, `OTEL_BLRP_*`), the metric
 //!   interval, the resource (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`).
 //! - No endpoint: nothing is exported and nothing complains.
-//! - The SDK's batch processors run on threads of their own with bounded queues: a dead or slow
-//!   collector costs dropped telemetry, never memory or a request's time.
+//! - The SDK's batch processors run on threads of their own with queues bounded by count: a
+//!   dead or slow collector costs dropped telemetry, never memory growth or a request's time.
+//!   What a caller sends that ends up in every span is bounded here: `tracestate` (512
+//!   bytes) and `baggage` (8,192 bytes, at most 16 entries of 256 bytes copied onto spans).
 //!
 //! Where the SDK falls short, the mesh fills in:
 //! - OTLP over HTTP: the exporter's own HTTP clients are reqwest (a second HTTP client stack)
@@ -35,7 +37,7 @@ use std::{
 
 use bytes::Bytes;
 use opentelemetry::propagation::{TextMapCompositePropagator, TextMapPropagator};
-use opentelemetry_http::{HeaderExtractor, HeaderInjector, HttpClient, HttpError};
+use opentelemetry_http::{HeaderInjector, HttpClient, HttpError};
 use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _, WithTonicConfig as _};
 use opentelemetry_sdk::{
     Resource,
@@ -241,15 +243,50 @@ fn composite(list: &[Propagator]) -> TextMapCompositePropagator {
     TextMapCompositePropagator::new(propagators)
 }
 
+/// The longest `tracestate` taken from a caller: W3C Trace Context lets a vendor drop one
+/// longer than 512 characters, and the SDK would keep up to 32 entries of 512 bytes, copied
+/// onto every span and every downstream call.
+pub const MAX_TRACESTATE_BYTES: usize = 512;
+/// The longest `baggage` taken from a caller or passed on: W3C Baggage's limit. The SDK
+/// re-encodes what it passes on, which can triple a header; one over the limit is not sent
+/// (the callee would refuse the whole call for its header size).
+pub const MAX_BAGGAGE_BYTES: usize = 8_192;
+
+/// A request's metadata as the propagators read it, without a `tracestate` or `baggage`
+/// beyond its bound.
+struct Bounded<'a>(&'a http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for Bounded<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        let value = self.0.get(key)?.to_str().ok()?;
+        let limit = match key {
+            "tracestate" => MAX_TRACESTATE_BYTES,
+            "baggage" => MAX_BAGGAGE_BYTES,
+            _ => usize::MAX,
+        };
+        (value.len() <= limit).then_some(value)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
 /// The caller's trace context and baggage from a request's metadata (empty when absent or
 /// malformed: the call then starts a new trace).
 pub fn extract(headers: &http::HeaderMap) -> opentelemetry::Context {
-    propagator().extract(&HeaderExtractor(headers))
+    propagator().extract(&Bounded(headers))
 }
 
 /// Writes `cx` into an outgoing request's metadata.
 pub fn inject(cx: &opentelemetry::Context, headers: &mut http::HeaderMap) {
     propagator().inject_context(cx, &mut HeaderInjector(headers));
+    if headers
+        .get("baggage")
+        .is_some_and(|v| v.len() > MAX_BAGGAGE_BYTES)
+    {
+        headers.remove("baggage");
+    }
 }
 
 /// The SDK's providers of one process, for the signals that are exported.
@@ -357,13 +394,36 @@ impl TlsMaterial {
         let read = |path: &Path| {
             std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))
         };
-        Ok(Self {
-            ca: files.ca.as_deref().map(read).transpose()?,
-            client: match &files.client {
-                Some((cert, key)) => Some((read(cert)?, read(key)?)),
-                None => None,
-            },
-        })
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+        // Checked here: tonic would take a file without a certificate and fail every handshake.
+        let certs = |path: &Path, pem: &[u8]| {
+            let found = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|err| format!("{}: {err}", path.display()))?;
+            if found.is_empty() {
+                return Err(format!("{}: no PEM certificate in it", path.display()));
+            }
+            Ok(())
+        };
+        let ca = match files.ca.as_deref() {
+            Some(path) => {
+                let pem = read(path)?;
+                certs(path, &pem)?;
+                Some(pem)
+            }
+            None => None,
+        };
+        let client = match &files.client {
+            Some((cert_path, key_path)) => {
+                let (cert, key) = (read(cert_path)?, read(key_path)?);
+                certs(cert_path, &cert)?;
+                PrivateKeyDer::from_pem_slice(&key)
+                    .map_err(|err| format!("{}: {err}", key_path.display()))?;
+                Some((cert, key))
+            }
+            None => None,
+        };
+        Ok(Self { ca, client })
     }
 
     /// For the gRPC exporter: tonic's TLS, trusting the CA file or the system's store.
@@ -429,8 +489,8 @@ impl TlsMaterial {
 /// Copies the baggage a span starts with into its attributes (`baggage.<key>`), so that what a
 /// caller set in `baggage` shows on every span of the request in every service. The caller
 /// controls it, so at most [`BAGGAGE_ATTRIBUTES`] entries are copied, each value cut to
-/// [`BAGGAGE_VALUE_BYTES`] (the propagator already refuses a header over 8,192 bytes or 180
-/// entries).
+/// [`BAGGAGE_VALUE_BYTES`] (the propagator already takes at most 64 entries of a header of
+/// at most [`MAX_BAGGAGE_BYTES`]).
 #[derive(Debug)]
 pub(crate) struct BaggageAttributes;
 
@@ -665,7 +725,7 @@ mod tests {
         );
     }
 
-    /// W3C trace context and baggage come in and go out unchanged.
+    /// W3C trace context and baggage come in and go out (within their bounds).
     #[test]
     fn trace_context_and_baggage_round_trip() {
         use opentelemetry::{baggage::BaggageExt as _, trace::TraceContextExt as _};
@@ -690,6 +750,36 @@ mod tests {
         inject(&cx, &mut out);
         assert_eq!(out.get("traceparent"), headers.get("traceparent"));
         assert_eq!(out.get("baggage"), headers.get("baggage"));
+
+        // An oversized tracestate or baggage is not taken; the trace context still is.
+        let mut big = headers.clone();
+        big.insert(
+            "tracestate",
+            http::HeaderValue::from_str(&format!("v={}", "x".repeat(MAX_TRACESTATE_BYTES)))
+                .expect("value"),
+        );
+        big.insert(
+            "baggage",
+            http::HeaderValue::from_str(&format!("k={}", "x".repeat(MAX_BAGGAGE_BYTES)))
+                .expect("value"),
+        );
+        let cx = extract(&big);
+        assert!(cx.span().span_context().is_valid());
+        assert!(cx.span().span_context().trace_state().header().is_empty());
+        assert_eq!(cx.baggage().len(), 0);
+        // Baggage that re-encodes past the limit is not passed on.
+        let spaces = format!("k={}", "\"".repeat(4_000));
+        let mut wide = headers.clone();
+        wide.insert(
+            "baggage",
+            http::HeaderValue::from_str(&spaces).expect("value"),
+        );
+        let cx = extract(&wide);
+        assert_eq!(cx.baggage().len(), 1);
+        let mut out = http::HeaderMap::new();
+        inject(&cx, &mut out);
+        assert!(out.get("traceparent").is_some());
+        assert_eq!(out.get("baggage").map(http::HeaderValue::len), None);
 
         // A malformed traceparent starts a new trace.
         let mut bad = http::HeaderMap::new();

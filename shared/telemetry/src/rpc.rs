@@ -19,7 +19,7 @@
 //!   (seconds, by `rpc.method` and `rpc.response.status_code`; see [`crate::metrics`]).
 //!
 //! Without trace export (tests, or no endpoint set) no OpenTelemetry span is made, but the
-//! caller's trace context and baggage are still passed on unchanged, so a mesh without a
+//! caller's trace context and baggage are still passed on, so a mesh without a
 //! collector does not break the traces of the services around it.
 //!
 //! Health checks and reflection get the log span but no trace span: probes every few seconds
@@ -31,9 +31,10 @@
 //! trailers as OK; they count no messages and record no RPC metrics.
 
 use std::{
+    collections::HashMap,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
@@ -110,12 +111,78 @@ fn hex_ids(cx: &opentelemetry::Context) -> Option<(String, String)> {
         .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
 }
 
-/// `/pkg.Service/Method` → (`pkg.Service`, `Method`).
-fn split_path(path: &str) -> (&str, &str) {
-    path.strip_prefix('/')
-        .and_then(|p| p.split_once('/'))
-        .filter(|(s, m)| !s.is_empty() && !m.is_empty() && !m.contains('/'))
-        .unwrap_or(("unknown", "unknown"))
+/// What a method not in the mesh's contracts is recorded as (span name, `rpc.method`), as the
+/// RPC conventions say: a caller sending made-up paths cannot make spans and metric series
+/// of its own choosing, nor grow the metrics' attribute sets.
+pub(crate) const OTHER: &str = "_OTHER";
+
+/// A known method: `pkg.Service/Method`, `pkg.Service`, `Method`.
+type Known = (Arc<str>, Box<str>, Box<str>);
+
+/// The methods the mesh defines (its contracts, health checking, reflection) by
+/// `pkg.Service/Method`, each with its service's and method's names.
+fn known_methods() -> &'static HashMap<Box<str>, Known> {
+    static KNOWN: OnceLock<HashMap<Box<str>, Known>> = OnceLock::new();
+    KNOWN.get_or_init(|| {
+        let mut names: Vec<(String, String)> = [
+            ("grpc.health.v1.Health", "Check"),
+            ("grpc.health.v1.Health", "Watch"),
+            ("grpc.health.v1.Health", "List"),
+            (
+                "grpc.reflection.v1.ServerReflection",
+                "ServerReflectionInfo",
+            ),
+            (
+                "grpc.reflection.v1alpha.ServerReflection",
+                "ServerReflectionInfo",
+            ),
+        ]
+        .iter()
+        .map(|(s, m)| ((*s).to_owned(), (*m).to_owned()))
+        .collect();
+        if let Ok(set) = <prost_types::FileDescriptorSet as prost::Message>::decode(
+            mesh_proto::FILE_DESCRIPTOR_SET,
+        ) {
+            for file in &set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        names.push((
+                            format!("{}.{}", file.package(), service.name()),
+                            method.name().to_owned(),
+                        ));
+                    }
+                }
+            }
+        }
+        names
+            .into_iter()
+            .map(|(service, method)| {
+                let name = format!("{service}/{method}");
+                (
+                    name.clone().into_boxed_str(),
+                    (
+                        Arc::from(name),
+                        service.into_boxed_str(),
+                        method.into_boxed_str(),
+                    ),
+                )
+            })
+            .collect()
+    })
+}
+
+/// `/pkg.Service/Method` → (`pkg.Service/Method`, `pkg.Service`, `Method`) for a method the
+/// mesh defines; [`OTHER`] for anything else.
+fn method_of(path: &str) -> (Arc<str>, &'static str, &'static str) {
+    static OTHER_NAME: OnceLock<Arc<str>> = OnceLock::new();
+    match path.strip_prefix('/').and_then(|p| known_methods().get(p)) {
+        Some((name, service, method)) => (Arc::clone(name), service, method),
+        None => (
+            Arc::clone(OTHER_NAME.get_or_init(|| Arc::from(OTHER))),
+            OTHER,
+            OTHER,
+        ),
+    }
 }
 
 /// Health and reflection: not traced.
@@ -469,8 +536,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let (service, method) = split_path(request.uri().path());
-        let name: Arc<str> = Arc::from(format!("{service}/{method}"));
+        let (name, service, _) = method_of(request.uri().path());
         let infrastructure = is_infrastructure(service);
         let request_id = request
             .extensions()
@@ -595,8 +661,7 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
-        let (service, method) = split_path(request.uri().path());
-        let name: Arc<str> = Arc::from(format!("{service}/{method}"));
+        let (name, service, _) = method_of(request.uri().path());
         let traced = if pipeline::traces_on() && !is_infrastructure(service) {
             let span = tracing::info_span!(
                 target: SPAN_TARGET,
@@ -652,17 +717,43 @@ mod tests {
         }
     }
 
-    /// Paths split into service and method; anything else is `unknown`.
+    /// The mesh's methods are named as they are; any other path is `_OTHER`, however long.
     #[test]
     fn paths() {
+        let (name, service, method) = method_of("/mesh.users.v1.UserService/GetUser");
         assert_eq!(
-            split_path("/mesh.users.v1.UserService/GetUser"),
-            ("mesh.users.v1.UserService", "GetUser")
+            (&*name, service, method),
+            (
+                "mesh.users.v1.UserService/GetUser",
+                "mesh.users.v1.UserService",
+                "GetUser"
+            )
         );
-        for bad in ["", "/", "//x", "/svc/", "nosl", "/a/b/c"] {
-            assert_eq!(split_path(bad), ("unknown", "unknown"), "{bad}");
+        let (name, _, _) = method_of("/mesh.aggregator.v1.AggregatorService/WatchProfiles");
+        assert_eq!(&*name, "mesh.aggregator.v1.AggregatorService/WatchProfiles");
+        let (name, _, _) = method_of("/grpc.health.v1.Health/Check");
+        assert_eq!(&*name, "grpc.health.v1.Health/Check");
+        let long = format!("/{}/x", "a".repeat(60_000));
+        for bad in [
+            "",
+            "/",
+            "//x",
+            "/svc/",
+            "nosl",
+            "/a/b/c",
+            "/mesh.users.v1.UserService/Nope",
+            "/made.up.Service/GetUser",
+            long.as_str(),
+        ] {
+            let (name, service, method) = method_of(bad);
+            assert_eq!(
+                (&*name, service, method),
+                (OTHER, OTHER, OTHER),
+                "{bad:.40}"
+            );
         }
         assert!(is_infrastructure("grpc.health.v1.Health"));
         assert!(!is_infrastructure("mesh.auth.v1.AuthService"));
+        assert!(!is_infrastructure(OTHER));
     }
 }
