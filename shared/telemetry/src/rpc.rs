@@ -564,10 +564,13 @@ where
         let ids = if traced {
             // An invalid or absent parent makes the call the root of a new trace.
             let _ = span.set_parent(remote);
+            // Built here, so the sampler has decided: on a span it dropped, the attributes
+            // below cost nothing.
+            let ids = hex_ids(&span.context());
             span.set_attribute("rpc.system.name", "grpc");
-            span.set_attribute("rpc.method", name.to_string());
+            span.set_attribute("rpc.method", Arc::clone(&name));
             CallIds {
-                ids: hex_ids(&span.context()),
+                ids,
                 passed_on: None,
                 request_id,
             }
@@ -669,13 +672,14 @@ where
                 otel.name = %name,
                 otel.kind = "client",
             );
+            // Built here (the sampler decides), then attributed: free on a dropped span.
+            pipeline::inject(&span.context(), request.headers_mut());
             span.set_attribute("rpc.system.name", "grpc");
-            span.set_attribute("rpc.method", name.to_string());
+            span.set_attribute("rpc.method", Arc::clone(&name));
             if let Some((host, port)) = &self.peer {
-                span.set_attribute("server.address", host.to_string());
+                span.set_attribute("server.address", Arc::clone(host));
                 span.set_attribute("server.port", i64::from(*port));
             }
-            pipeline::inject(&span.context(), request.headers_mut());
             Some(span)
         } else {
             pipeline::inject(&current_context(), request.headers_mut());
