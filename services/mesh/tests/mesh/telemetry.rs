@@ -795,8 +795,9 @@ fn trace_bytes(hex: &str) -> Vec<u8> {
 }
 
 /// The same over OTLP/HTTP with protobuf bodies, the specification's default transport:
-/// SignUp sent with a caller's `traceparent` is one trace across the three services with the
-/// right parents, the store's own span among them; metrics and log records arrive too.
+/// SignUp sent with a caller's `traceparent` and GetMe without are each one trace across the
+/// three services with the right parents, the store's own span among them; the caller's
+/// baggage reaches auth and users, bounded; metrics and log records arrive too.
 #[tokio::test]
 async fn one_request_is_one_trace_over_otlp_http() {
     let _machine = crate::common::process_test().await;
@@ -852,6 +853,55 @@ async fn one_request_is_one_trace_over_otlp_http() {
         assert_eq!(server_span.parent_span_id, client_span.span_id, "{name}");
     }
     assert_developer_span_and_logs(&collector, &trace, &spans).await;
+
+    // GetMe with no trace context: the aggregator starts the trace, and auth's and users'
+    // server spans are children of its two calls.
+    client
+        .get_me(bearer(&token, GetMeRequest {}))
+        .await
+        .expect("get me");
+    let get_me_root = |svc: &str, s: &Span| {
+        svc == "aggregator" && s.name.ends_with("/GetMe") && s.parent_span_id.is_empty()
+    };
+    collector
+        .wait_for("GetMe's trace over OTLP/HTTP", |r| {
+            r.spans
+                .iter()
+                .find(|(svc, s)| get_me_root(svc, s))
+                .is_some_and(|(_, root)| {
+                    r.spans
+                        .iter()
+                        .filter(|(_, s)| {
+                            s.trace_id == root.trace_id && s.kind == SpanKind::Server as i32
+                        })
+                        .count()
+                        == 3
+                })
+        })
+        .await;
+    let root = collector
+        .0
+        .lock()
+        .expect("lock")
+        .spans
+        .iter()
+        .find(|(svc, s)| get_me_root(svc, s))
+        .map(|(_, s)| s.clone())
+        .expect("GetMe's root");
+    let get_me = collector.spans_of(&root.trace_id);
+    for (callee, name) in [
+        ("users", "mesh.users.v1.UserService/GetUser"),
+        ("auth", "mesh.auth.v1.AuthService/ListSessions"),
+    ] {
+        let client_span = find(&get_me, "aggregator", SpanKind::Client, name);
+        assert_eq!(client_span.parent_span_id, root.span_id, "{name}");
+        let server_span = find(&get_me, callee, SpanKind::Server, name);
+        assert_eq!(server_span.parent_span_id, client_span.span_id, "{name}");
+        assert_eq!(
+            attr_str(server_span, "rpc.response.status_code").as_deref(),
+            Some("OK")
+        );
+    }
     // The caller's baggage reached auth's and users' spans, two hops away.
     for (service, name) in [
         ("auth", "mesh.auth.v1.AuthService/Register"),
