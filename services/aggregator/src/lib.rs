@@ -191,15 +191,9 @@ pub async fn serve(
 pub async fn run(config: Config, log: mesh_telemetry::LogFormat) -> Result<(), ServeError> {
     // Logs, and traces, metrics and log records to the OTLP endpoint the environment names
     // (none: not exported); what is still queued is sent before the process exits.
-    let telemetry = mesh_telemetry::Telemetry::start("aggregator", log);
-    let listener = match mesh_runtime::bind(config.listen).await {
-        Ok(listener) => listener,
-        Err(err) => {
-            telemetry.shutdown().await;
-            return Err(err);
-        }
-    };
-    let served = serve(&config, listener, mesh_runtime::shutdown_signal()).await;
-    telemetry.shutdown().await;
-    served
+    mesh_telemetry::Telemetry::around("aggregator", log, async {
+        let listener = mesh_runtime::bind(config.listen).await?;
+        serve(&config, listener, mesh_runtime::shutdown_signal()).await
+    })
+    .await
 }

@@ -165,15 +165,9 @@ async fn prune(store: std::sync::Arc<dyn store::AuthStore>) {
 pub async fn run(config: Config, log: mesh_telemetry::LogFormat) -> Result<(), Error> {
     // Logs, and traces, metrics and log records to the OTLP endpoint the environment names
     // (none: not exported); what is still queued is sent before the process exits.
-    let telemetry = mesh_telemetry::Telemetry::start("auth", log);
-    let listener = match mesh_runtime::bind(config.listen).await {
-        Ok(listener) => listener,
-        Err(err) => {
-            telemetry.shutdown().await;
-            return Err(err.into());
-        }
-    };
-    let served = serve(&config, listener, mesh_runtime::shutdown_signal()).await;
-    telemetry.shutdown().await;
-    served
+    mesh_telemetry::Telemetry::around("auth", log, async {
+        let listener = mesh_runtime::bind(config.listen).await?;
+        serve(&config, listener, mesh_runtime::shutdown_signal()).await
+    })
+    .await
 }

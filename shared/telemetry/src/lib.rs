@@ -217,6 +217,19 @@ impl Telemetry {
         Self { providers }
     }
 
+    /// Starts the telemetry of `service`, runs `body`, and flushes the telemetry whatever
+    /// `body` returned: what a service's `run` wraps around binding and serving.
+    pub async fn around<T>(
+        service: &str,
+        format: LogFormat,
+        body: impl std::future::Future<Output = T>,
+    ) -> T {
+        let telemetry = Self::start(service, format);
+        let out = body.await;
+        telemetry.shutdown().await;
+        out
+    }
+
     /// Sends every queued span, metric and log record (within 5 s), then stops exporting.
     pub async fn shutdown(self) {
         let providers = self.providers;
