@@ -30,9 +30,8 @@ use opentelemetry_proto::tonic::{
     },
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     resource::v1::Resource,
-    trace::v1::{Span, span::SpanKind, status::StatusCode},
+    trace::v1::{ResourceSpans, ScopeSpans, Span, span::SpanKind, status::StatusCode},
 };
-use serde_json::{Value, json};
 
 /// How long past the services' export delay a trace must have been quiet to be printed.
 pub(crate) const QUIET: Duration = Duration::from_millis(800);
@@ -221,7 +220,7 @@ async fn print_finished(receiver: Receiver, file: PathBuf, quiet: Duration) {
                 .sort_by_key(|r| (r.span.start_time_unix_nano, r.span.end_time_unix_nano));
             out.push_str(&render(&trace.spans));
             out.push('\n');
-            lines.push_str(&otlp_json(&trace.spans).to_string());
+            lines.push_str(&otlp_json(&trace.spans));
             lines.push('\n');
         }
         // The file first: once a waterfall is on the screen, its trace is in the file.
@@ -398,97 +397,36 @@ fn render(spans: &[Received]) -> String {
     )
 }
 
-/// An attribute value in OTLP's JSON encoding.
-fn any_json(value: Option<&AnyValue>) -> Value {
-    match value.and_then(|v| v.value.as_ref()) {
-        Some(any_value::Value::StringValue(s)) => json!({ "stringValue": s }),
-        Some(any_value::Value::BoolValue(b)) => json!({ "boolValue": b }),
-        Some(any_value::Value::IntValue(i)) => json!({ "intValue": i.to_string() }),
-        Some(any_value::Value::DoubleValue(d)) => json!({ "doubleValue": d }),
-        Some(any_value::Value::ArrayValue(a)) => {
-            json!({ "arrayValue": { "values": a.values.iter().map(|v| any_json(Some(v))).collect::<Vec<_>>() } })
-        }
-        Some(any_value::Value::KvlistValue(l)) => {
-            json!({ "kvlistValue": { "values": attributes_json(&l.values) } })
-        }
-        Some(any_value::Value::BytesValue(b)) => {
-            use base64::Engine as _;
-            json!({ "bytesValue": base64::engine::general_purpose::STANDARD.encode(b) })
-        }
-        // Only profiles use the string table; a span's attribute never does.
-        Some(_) | None => json!({}),
-    }
-}
-
-fn attributes_json(attributes: &[KeyValue]) -> Vec<Value> {
-    attributes
-        .iter()
-        .map(|kv| json!({ "key": kv.key, "value": any_json(kv.value.as_ref()) }))
-        .collect()
-}
-
-fn span_json(span: &Span) -> Value {
-    let mut value = json!({
-        "traceId": hex(&span.trace_id),
-        "spanId": hex(&span.span_id),
-        "name": span.name,
-        "kind": span.kind,
-        "startTimeUnixNano": span.start_time_unix_nano.to_string(),
-        "endTimeUnixNano": span.end_time_unix_nano.to_string(),
-        "attributes": attributes_json(&span.attributes),
-        "flags": span.flags,
-    });
-    if !span.parent_span_id.is_empty() {
-        value["parentSpanId"] = json!(hex(&span.parent_span_id));
-    }
-    if !span.trace_state.is_empty() {
-        value["traceState"] = json!(span.trace_state);
-    }
-    if !span.events.is_empty() {
-        value["events"] = span
-            .events
-            .iter()
-            .map(|e| {
-                json!({
-                    "timeUnixNano": e.time_unix_nano.to_string(),
-                    "name": e.name,
-                    "attributes": attributes_json(&e.attributes),
-                })
-            })
-            .collect();
-    }
-    if let Some(status) = &span.status {
-        value["status"] = json!({ "code": status.code, "message": status.message });
-    }
-    value
-}
-
-/// One trace as an `ExportTraceServiceRequest` in OTLP's JSON encoding: its spans grouped by
-/// the resource and scope they came with.
-fn otlp_json(spans: &[Received]) -> Value {
-    let mut groups: Vec<(&Received, Vec<&Span>)> = Vec::new();
+/// One trace as an `ExportTraceServiceRequest` in OTLP's JSON encoding (opentelemetry-proto's
+/// own serde mapping: hex ids, 64-bit integers as strings, camelCase names): its spans grouped
+/// by the resource and scope they came with.
+fn otlp_json(spans: &[Received]) -> String {
+    let mut groups: Vec<ResourceSpans> = Vec::new();
+    let mut keys: Vec<(&Arc<Resource>, &Arc<InstrumentationScope>)> = Vec::new();
     for r in spans {
-        match groups
-            .iter_mut()
-            .find(|(g, _)| g.service == r.service && g.scope.name == r.scope.name)
-        {
-            Some((_, list)) => list.push(&r.span),
-            None => groups.push((r, vec![&r.span])),
+        let at = keys
+            .iter()
+            .position(|(res, scope)| Arc::ptr_eq(res, &r.resource) && Arc::ptr_eq(scope, &r.scope));
+        let at = at.unwrap_or_else(|| {
+            keys.push((&r.resource, &r.scope));
+            groups.push(ResourceSpans {
+                resource: Some(Resource::clone(&r.resource)),
+                scope_spans: vec![ScopeSpans {
+                    scope: Some(InstrumentationScope::clone(&r.scope)),
+                    ..ScopeSpans::default()
+                }],
+                ..ResourceSpans::default()
+            });
+            groups.len() - 1
+        });
+        if let Some(scope_spans) = groups[at].scope_spans.first_mut() {
+            scope_spans.spans.push(r.span.clone());
         }
     }
-    let resource_spans: Vec<Value> = groups
-        .iter()
-        .map(|(r, list)| {
-            json!({
-                "resource": { "attributes": attributes_json(&r.resource.attributes) },
-                "scopeSpans": [{
-                    "scope": { "name": r.scope.name, "version": r.scope.version },
-                    "spans": list.iter().map(|s| span_json(s)).collect::<Vec<_>>(),
-                }],
-            })
-        })
-        .collect();
-    json!({ "resourceSpans": resource_spans })
+    serde_json::to_string(&ExportTraceServiceRequest {
+        resource_spans: groups,
+    })
+    .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -541,7 +479,7 @@ mod tests {
                 assert_eq!(bar.chars().count(), BAR, "{line}");
                 assert!(bar.contains('█'), "{line}");
             }
-            let _ = otlp_json(&spans);
+            assert!(otlp_json(&spans).starts_with("{\"resourceSpans\":["));
         }
         let cycle = render(&[
             span(3, None, 0, 3),
